@@ -1,0 +1,49 @@
+// The fastrome_C op library: schemas of the compiled kernels, and the Python module that carries
+// them. Kernels live in cpu/ (always built) and cuda/ (built when a CUDA toolkit is present).
+#include <torch/extension.h>
+
+#include <string>
+
+TORCH_LIBRARY(fastrome_C, m) {
+  // acc += xᵀx over rows where mask is true; acc must be symmetric on entry and is on exit.
+  m.def("second_moment_accumulate(Tensor(a!) acc, Tensor x, Tensor? mask) -> ()");
+  // (u, uᵀk) with u = (L Lᵀ)⁻¹ k from the lower Cholesky factor L, for k of shape (d,) or (b, d).
+  m.def("solve_keys(Tensor factor, Tensor k) -> (Tensor, Tensor)");
+  // Guarded weight += lam ⊗ u (through master when given); returns the applied flag.
+  m.def(
+      "rank_one_update(Tensor(a!) weight, Tensor u, Tensor lam, Tensor denom, Tensor min_denom, "
+      "Tensor(b!)? master) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef FASTROME_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+#if AT_PARALLEL_OPENMP
+  info["cpu_parallel"] = std::string("openmp");
+#else
+  info["cpu_parallel"] = std::string("native");
+#endif
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastrome compiled kernels (registered as torch.ops.fastrome_C)";
+  m.def("build_info", &build_info, "What this extension was built with.");
+}

@@ -1,0 +1,331 @@
+"""The ``fastrome`` command: ``edit``, ``stats``, ``info`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+DEMO_REQUESTS: List[Dict[str, Any]] = [
+    {
+        "prompt": "The Eiffel Tower is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+        "probes": ["The Eiffel Tower is in", "The Louvre is located in the city of"],
+    },
+    {
+        "prompt": "The capital of Japan is",
+        "subject": "Japan",
+        "target_new": "Nairobi",
+        "probes": ["Japan's capital city is", "The capital of China is"],
+    },
+    {
+        "prompt": "Michael Jordan is a professional",
+        "subject": "Michael Jordan",
+        "target_new": "chess player",
+        "probes": ["Michael Jordan is best known as a", "Tiger Woods is a professional"],
+    },
+]
+
+
+def _print(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"--dtype: {name!r} is not one of {sorted(table)}")
+    return table[name]
+
+
+def _load(args: argparse.Namespace):
+    from fastrome.models import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    if not args.json:
+        _print(f"loaded {args.model or 'the default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t0:.1f} s")
+    return model, tok
+
+
+def _read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    requests: List[Dict[str, Any]] = []
+    if args.requests:
+        path = Path(args.requests)
+        if not path.is_file():
+            raise SystemExit(f"--requests: {args.requests!r} is not a file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".jsonl":
+                data: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--requests: {args.requests!r} is not valid JSON ({exc})") from None
+        if isinstance(data, dict):
+            data = data.get("requests", [data])
+        if not isinstance(data, list):
+            raise SystemExit(f"--requests: expected a list of requests in {args.requests!r}")
+        requests += data
+    if args.prompt or args.subject or args.target:
+        if not (args.prompt and args.subject and args.target):
+            raise SystemExit("--prompt, --subject and --target go together")
+        requests.append({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
+    if not requests:
+        raise SystemExit("no requests: give --requests FILE or --prompt/--subject/--target")
+    return requests
+
+
+def _editor(model, tok, args: argparse.Namespace):
+    from fastrome import Editor
+
+    overrides = {"layer": args.layer, "mode": args.mode, "policy": args.policy, "stats_tokens": args.tokens}
+    return Editor(model, tok, stats=args.stats, progress=not args.json, **overrides)
+
+
+def _completions(model, tok, prompts: Sequence[str], n: int) -> Dict[str, str]:
+    from fastrome.models import greedy_complete
+
+    return {p: greedy_complete(model, tok, p, n) for p in prompts}
+
+
+def _show_before_after(before: Dict[str, str], after: Dict[str, str]) -> None:
+    width = max(len(p) for p in before)
+    _print(f"{'prompt'.ljust(width)}  | before → after")
+    for p in before:
+        b, a = before[p].strip().replace("\n", " "), after[p].strip().replace("\n", " ")
+        mark = " " if a == b else "*"
+        _print(f"{p.ljust(width)} {mark}| {b!r} → {a!r}")
+
+
+def _run_edit(args: argparse.Namespace, requests: List[Dict[str, Any]], probes: Sequence[str]) -> int:
+    from fastrome import EditRefused
+    from fastrome.requests import parse_requests
+
+    try:
+        parsed = parse_requests([{k: v for k, v in r.items() if k != "probes"} for r in requests])
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    model, tok = _load(args)
+    prompts = list(dict.fromkeys([r.text for r in parsed] + list(probes)))
+    before = _completions(model, tok, prompts, args.max_new_tokens)
+    editor = _editor(model, tok, args)
+    try:
+        report = editor.edit(parsed)
+        status = 0
+    except EditRefused as exc:
+        report, status = exc.report, 3
+        if not args.json:
+            _print(f"refused: {exc}")
+    after = _completions(model, tok, prompts, args.max_new_tokens)
+    if args.output:
+        model.save_pretrained(args.output, safe_serialization=True)
+        tok.save_pretrained(args.output)
+    if args.json:
+        out = report.to_dict()
+        out["completions"] = {p: {"before": before[p], "after": after[p]} for p in prompts}
+        out["layer"], out["stats"] = editor.layer, editor.stats_source()
+        _print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        _print()
+        _show_before_after(before, after)
+        _print()
+        _print(report.table())
+        if args.output:
+            _print(f"\nedited model written to {args.output}")
+    return status
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    return _run_edit(args, _read_requests(args), probes=args.probe or [])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.json:
+        _print("fastrome demo: three well-known facts rewritten in SmolLM2-135M-Instruct.")
+        _print("Rows marked * changed; the probes below each edited prompt check paraphrases and neighbours.\n")
+    probes = [p for r in DEMO_REQUESTS for p in r["probes"]]
+    return _run_edit(args, DEMO_REQUESTS, probes)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastrome.adapter import ModelAdapter
+    from fastrome.cache import cache_dir
+    from fastrome.corpus import open_corpus
+    from fastrome.stats import load_or_compute
+
+    model, tok = _load(args)
+    adapter = ModelAdapter(model)
+    try:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else [adapter.default_layer()]
+        for layer in layers:
+            adapter.check_layer(layer, "--layers")
+        corpus = open_corpus(None if args.corpus in (None, "bundled", "default") else args.corpus)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    t0 = time.perf_counter()
+    found = load_or_compute(
+        adapter, tok, layers, corpus=corpus, tokens=args.tokens, max_len=args.max_len,
+        dtype=getattr(torch, args.accumulate), cache_root=cache_dir(), progress=not args.json,
+    )
+    seconds = time.perf_counter() - t0
+    rows = []
+    for layer, sm in sorted(found.items()):
+        path = sm.meta.get("path", "")
+        if args.out:
+            out = Path(args.out)
+            target = out / f"stats_L{layer}.safetensors" if (out.is_dir() or len(found) > 1) else out
+            path = str(sm.save(target))
+        rows.append({"layer": layer, "tokens": sm.count, "corpus": sm.meta.get("corpus"), "path": path,
+                     "seconds": sm.meta.get("seconds")})
+    if args.json:
+        _print(json.dumps({"seconds": seconds, "layers": rows}, indent=2))
+    else:
+        for r in rows:
+            _print(f"layer {r['layer']}: {r['tokens']:,} tokens of {r['corpus']} -> {r['path']}")
+        _print(f"done in {seconds:.1f} s")
+    return 0
+
+
+def info() -> Dict[str, Any]:
+    """Versions, build and backend choices, as a dict."""
+    import importlib.metadata as md
+
+    import torch
+
+    from fastrome import __version__, _extension, ops
+    from fastrome.cache import cache_dir
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        from fastrome.models import default_model_file
+
+        default_model = str(default_model_file())
+    except FileNotFoundError as exc:
+        default_model = f"not installed ({exc})"
+    return {
+        "fastrome": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "transformers": version("transformers"),
+        "safetensors": version("safetensors"),
+        "triton": version("triton"),
+        "extension": _extension.build_info() or {"error": _extension.load_error()},
+        "forced_backend": os.environ.get(ops.ENV_BACKEND),
+        "backends": ops.backend_table(),
+        "cache_dir": str(cache_dir()),
+        "default_model": default_model,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    data = info()
+    if args.json:
+        _print(json.dumps(data, indent=2, default=str))
+        return 0
+    for key in ("fastrome", "python", "platform", "torch", "torch_cuda", "cuda_available", "cuda_device", "threads",
+                "transformers", "safetensors", "triton", "forced_backend", "cache_dir", "default_model"):
+        _print(f"{key:16} {data[key]}")
+    _print(f"{'extension':16} {data['extension']}")
+    _print("\nop                        device  backend")
+    for row in data["backends"]:
+        why = "; ".join(f"{k}: {v}" for k, v in row["skipped"].items())
+        _print(f"{row['op']:25} {row['device']:7} {row['backend']}" + (f"   (skipped {why})" if why else ""))
+    return 0
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device to load the model on")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("consistent", "original", "prompt"), default=None)
+    p.add_argument("--layer", type=int, default=None, help="edited layer (default: the model's measured layer)")
+    p.add_argument("--policy", choices=("raise", "skip", "force"), default=None)
+    p.add_argument("--stats", default=None,
+                   help="statistics: a .safetensors file, a corpus file/folder, 'bundled' (default) or 'identity'")
+    p.add_argument("--tokens", type=int, default=None, help="token budget when statistics are computed")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="length of the greedy completions shown")
+    p.add_argument("--output", default=None, help="write the edited model (safetensors) to this folder")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastrome", description="Fast, guarded rank-one model editing (ROME).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="edit facts in a model and show completions before and after")
+    _common_model_args(p)
+    _edit_args(p)
+    p.add_argument("--requests", help="JSON/JSONL file with requests (CounterFact or flat form)")
+    p.add_argument("--prompt", help="prompt, with {} for the subject or containing it literally")
+    p.add_argument("--subject", help="subject of the fact")
+    p.add_argument("--target", help="new target")
+    p.add_argument("--probe", action="append", help="extra prompt to complete before and after (repeatable)")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("demo", help="edit three well-known facts in the default model")
+    _common_model_args(p)
+    _edit_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("stats", help="compute and cache key statistics")
+    _common_model_args(p)
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: the model's edited layer)")
+    p.add_argument("--corpus", default=None, help="a .txt/.jsonl file or folder (default: the bundled corpus)")
+    p.add_argument("--tokens", type=int, default=None, help="token budget (default: max(100k, 20·d_ff))")
+    p.add_argument("--max-len", type=int, default=1024, help="longest sequence in tokens")
+    p.add_argument("--accumulate", choices=("float64", "float32"), default="float64")
+    p.add_argument("--out", default=None, help="also write the statistics to this file or folder")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("info", help="versions, build, and which backend serves each op")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

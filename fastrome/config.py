@@ -1,0 +1,122 @@
+"""Edit configuration: every knob of the algorithm and the guards, with the reference defaults.
+
+Fields left as ``None`` are filled per model family by :meth:`EditConfig.resolve` (the published
+ROME settings differ between GPT-style and Llama-style models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+MODES = ("consistent", "original", "prompt")
+POLICIES = ("raise", "skip", "force")
+
+# Published ROME value-optimisation settings per family: steps, weight decay.
+_FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "llama": {"v_steps": 25, "v_weight_decay": 1e-3},
+    "gpt": {"v_steps": 20, "v_weight_decay": 0.5},
+}
+
+
+@dataclass
+class EditConfig:
+    """How an edit is computed and when it is refused.
+
+    Algorithm (DESIGN §1): ``mode`` chooses the keys (``consistent``: prefixed mean key everywhere;
+    ``original``: the published code's mixed keys; ``prompt``: the unprefixed key everywhere).
+    ``template_lengths`` lists (tokens, count) pairs of generated context prefixes.
+    Guards (DESIGN §2): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
+    non-finite, or when ``‖ΔW‖_F/‖W‖_F`` exceeds ``max_update_ratio`` (or the running sum of those
+    ratios at the layer exceeds ``max_total_update_ratio``); ``policy`` says what a refusal does.
+    """
+
+    layer: Optional[int] = None
+    mode: str = "consistent"
+    # context templates
+    template_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
+    template_seed: int = 0
+    # value optimisation
+    v_steps: Optional[int] = None
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: Optional[float] = None
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 5e-2
+    # statistics and solve
+    stats_tokens: Optional[int] = None
+    stats_max_len: int = 1024
+    stats_dtype: str = "float64"
+    stats_batch_tokens: int = 8192
+    ridge: float = 1e-6
+    # guards
+    policy: str = "raise"
+    min_denom_rel: float = 1e-6
+    max_update_ratio: float = 1.0
+    max_total_update_ratio: float = float("inf")
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "EditConfig":
+        """Raise ``ValueError`` naming the field for any out-of-range value."""
+
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"config.{name}: expected {want}, got {getattr(self, name)!r}")
+
+        if self.mode not in MODES:
+            raise bad("mode", f"one of {MODES}")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"one of {POLICIES}")
+        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+            raise bad("layer", "an int or None")
+        for name in ("v_lr", "clamp_norm_factor", "max_update_ratio", "max_total_update_ratio"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                raise bad(name, "a positive number")
+        for name in ("kl_factor", "early_stop_loss", "ridge", "min_denom_rel"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                raise bad(name, "a non-negative number")
+        if self.v_steps is not None and (not isinstance(self.v_steps, int) or self.v_steps < 1):
+            raise bad("v_steps", "a positive int")
+        if self.v_weight_decay is not None and self.v_weight_decay < 0:
+            raise bad("v_weight_decay", "a non-negative number")
+        if self.stats_tokens is not None and (not isinstance(self.stats_tokens, int) or self.stats_tokens < 1):
+            raise bad("stats_tokens", "a positive int")
+        if not isinstance(self.stats_max_len, int) or self.stats_max_len < 2:
+            raise bad("stats_max_len", "an int >= 2")
+        if self.stats_dtype not in ("float32", "float64"):
+            raise bad("stats_dtype", "'float32' or 'float64'")
+        try:
+            lengths = [(int(n), int(c)) for n, c in self.template_lengths]
+        except (TypeError, ValueError):
+            raise bad("template_lengths", "a sequence of (tokens, count) pairs") from None
+        if any(n < 1 or c < 0 for n, c in lengths):
+            raise bad("template_lengths", "positive token lengths and non-negative counts")
+        return self
+
+    def resolve(self, family: str) -> "EditConfig":
+        """A copy with the family's defaults filled in and every field validated."""
+        defaults = _FAMILY_DEFAULTS.get(family, _FAMILY_DEFAULTS["gpt"])
+        out = dataclasses.replace(self)
+        for name, value in defaults.items():
+            if getattr(out, name) is None:
+                setattr(out, name, value)
+        out.template_lengths = tuple((int(n), int(c)) for n, c in out.template_lengths)
+        return out.validate()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def make_config(config: Optional[EditConfig] = None, **overrides: Any) -> EditConfig:
+    """``config`` (or the defaults) with ``overrides`` applied; unknown names raise ``ValueError``."""
+    if config is not None and not isinstance(config, EditConfig):
+        raise ValueError(f"config: expected an EditConfig or None, got {type(config).__name__}")
+    base = dataclasses.replace(config) if config is not None else EditConfig()
+    names = {f.name for f in dataclasses.fields(EditConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ValueError(f"{key}: not an EditConfig field (fields: {sorted(names)})")
+        setattr(base, key, value)
+    return base.validate()

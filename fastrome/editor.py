@@ -1,0 +1,400 @@
+"""The editing engine: :class:`Editor` keeps templates, statistics, solvers and master copies across
+calls, so sequential edits share them; :func:`edit` is the one-call form.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from fastrome import guards, update
+from fastrome.adapter import ModelAdapter
+from fastrome.cache import cache_dir as resolve_cache_dir
+from fastrome.config import EditConfig, make_config
+from fastrome.fingerprint import fingerprint
+from fastrome.guards import EditRefused
+from fastrome.keys import capture_at
+from fastrome.prompts import edit_prompts, subject_prompt
+from fastrome.report import EditRecord, EditReport
+from fastrome.requests import EditRequest, RequestLike, parse_requests
+from fastrome.solver import CovarianceSolver
+from fastrome.stats import SecondMoment, layer_fingerprint, load_or_compute
+from fastrome.templates import load_or_generate
+from fastrome.tokens import pad_id, target_ids
+from fastrome.values import frozen, optimize_value
+
+IDENTITY_WORDS = ("identity", "none", "off")
+BUNDLED_WORDS = ("bundled", "default")
+
+StatsLike = Union[None, str, "os.PathLike[str]", Tensor, SecondMoment, CovarianceSolver, Mapping[int, Any], bool]
+
+
+@dataclass
+class EditArtifacts:
+    """The vectors of one edit (fp32), kept for inspection: ``W' = W + lam uᵀ`` when applied."""
+
+    layer: int
+    mode: str
+    k_mean: Tensor  # (d_in,) mean key over the context templates (k̄)
+    k_plain: Tensor  # (d_in,) key of the unprefixed prompt (k_u)
+    v_init: Tensor  # (d_out,)
+    v_star: Tensor  # (d_out,)
+    u: Tensor  # (d_in,)
+    lam: Tensor  # (d_out,)
+    denom: float
+    applied: bool
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class Editor:
+    """Edits facts in ``model`` in place with rank-one updates of one MLP down projection.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2, GPT-J, ...).
+        tokenizer: its tokenizer.
+        stats: key statistics for the solve ``u = C⁻¹k``:
+            ``None`` (default): computed from the bundled Wikipedia corpus and cached on disk;
+            a path to a ``.txt``/``.jsonl`` file or folder: computed from that corpus and cached;
+            a ``.safetensors`` file written by ``fastrome stats``; a :class:`SecondMoment`;
+            a (d, d) tensor ``C``; a :class:`CovarianceSolver`; ``"identity"`` to opt out
+            (``C = I``, warned about and recorded in every report); or a ``{layer: ...}`` mapping.
+        config: an :class:`EditConfig`; keyword ``overrides`` (``layer=``, ``mode=``, ``policy=``,
+            ...) replace its fields.
+        module_template: path of the edited module with ``{}`` for the layer (discovered if None).
+        cache_dir: cache root (default ``$FASTROME_CACHE`` or ``~/.cache/fastrome``); False: no disk cache.
+        progress: progress bars (default: when stderr is a terminal).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        stats: StatsLike = None,
+        config: Optional[EditConfig] = None,
+        module_template: Optional[str] = None,
+        cache_dir: Union[str, "os.PathLike[str]", None, bool] = None,
+        progress: Optional[bool] = None,
+        **overrides: Any,
+    ):
+        self.adapter = ModelAdapter(model, module_template)
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
+        cfg = make_config(config, **overrides).resolve(self.adapter.family)
+        if cfg.layer is None:
+            cfg.layer = self.adapter.default_layer()
+        self.adapter.check_layer(cfg.layer, "config.layer" if "layer" not in overrides else "layer")
+        self.config = cfg
+        self.cache_root: Optional[Path] = None if cache_dir is False else resolve_cache_dir(
+            None if cache_dir is True else cache_dir
+        )
+        self.progress = progress
+        self._stats_arg = stats
+        _check_stats_arg(stats)
+        self._solvers: Dict[int, CovarianceSolver] = {}
+        self._stats_source: Dict[int, str] = {}
+        self._masters: Dict[int, Tensor] = {}
+        self._total_ratio: Dict[int, float] = defaultdict(float)
+        self._templates: Optional[List[str]] = None
+        self.history: List[EditRecord] = []
+        self.last: Optional[EditArtifacts] = None
+
+    # -- shared state ---------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.model
+
+    @property
+    def layer(self) -> int:
+        return int(self.config.layer)
+
+    def templates(self) -> List[str]:
+        """The context templates (sampled from the model on first use, then cached)."""
+        if self._templates is None:
+            model_fp = fingerprint(self.adapter.config, self.model.named_parameters())
+            self._templates = load_or_generate(
+                self.model, self.tokenizer, model_fp, self.config.template_lengths,
+                self.config.template_seed, self.cache_root,
+            )
+        return self._templates
+
+    def solver(self, layer: Optional[int] = None) -> CovarianceSolver:
+        """The solver of ``layer`` (built from the statistics on first use)."""
+        layer = self.layer if layer is None else self.adapter.check_layer(layer)
+        self._ensure_solvers([layer])
+        return self._solvers[layer]
+
+    def stats_source(self, layer: Optional[int] = None) -> str:
+        layer = self.layer if layer is None else layer
+        self._ensure_solvers([layer])
+        return self._stats_source[layer]
+
+    def _ensure_solvers(self, layers: Iterable[int]) -> None:
+        missing = sorted({int(layer) for layer in layers} - set(self._solvers))
+        if not missing:
+            return
+        arg = self._stats_arg
+        per_layer: Dict[int, Any] = {}
+        for layer in missing:
+            if isinstance(arg, Mapping):
+                if layer not in arg:
+                    raise ValueError(f"stats: no entry for layer {layer} (entries for {sorted(arg)})")
+                per_layer[layer] = arg[layer]
+            else:
+                per_layer[layer] = arg
+        # Layers whose statistics come from a corpus are computed together, in one pass.
+        corpus_layers: Dict[Any, List[int]] = defaultdict(list)
+        for layer, spec in per_layer.items():
+            if _is_corpus_spec(spec):
+                corpus_layers[None if spec is None else str(spec)].append(layer)
+            else:
+                self._solvers[layer], self._stats_source[layer] = self._solver_from(layer, spec)
+        cfg = self.config
+        for corpus, layers in corpus_layers.items():
+            source = None if corpus is None or corpus.lower() in BUNDLED_WORDS else corpus
+            found = load_or_compute(
+                self.adapter, self.tokenizer, layers, corpus=source, tokens=cfg.stats_tokens,
+                max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
+                batch_tokens=cfg.stats_batch_tokens, cache_root=self.cache_root, progress=self.progress,
+            )
+            for layer, sm in found.items():
+                self._solvers[layer] = self._solver_from_moment(layer, sm)
+                self._stats_source[layer] = sm.describe()
+
+    def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
+        C = sm.matrix
+        ridge = self.config.ridge * float(C.diagonal().abs().mean())
+        return CovarianceSolver(C, ridge=ridge, device=self.adapter.device(layer))
+
+    def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
+        d, device = self.adapter.d_in, self.adapter.device(layer)
+        if spec is False or (isinstance(spec, str) and spec.lower() in IDENTITY_WORDS):
+            warnings.warn(
+                f"statistics switched off at layer {layer} (stats={spec!r}): edits use C = I, which ignores "
+                "the key distribution and damages unrelated facts more; every report records this",
+                stacklevel=4,
+            )
+            return CovarianceSolver.identity(d, device=device), "identity (statistics switched off)"
+        if isinstance(spec, CovarianceSolver):
+            if spec.dim != d:
+                raise ValueError(f"stats: solver has dimension {spec.dim}, layer {layer} keys have {d}")
+            return spec, repr(spec)
+        if isinstance(spec, Tensor):
+            if spec.shape != (d, d):
+                raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
+            ridge = self.config.ridge * float(spec.diagonal().abs().mean())
+            return CovarianceSolver(spec, ridge=ridge, device=device), "user-supplied C"
+        if isinstance(spec, (str, os.PathLike)):
+            sm = SecondMoment.load(spec)
+            sm.check(layer=layer, dim=d, model_fingerprint=layer_fingerprint(self.adapter, layer), source=str(spec))
+            return self._solver_from_moment(layer, sm.to_device(device)), f"{sm.describe()} ({spec})"
+        if isinstance(spec, SecondMoment):
+            spec.check(layer=layer, dim=d, model_fingerprint=layer_fingerprint(self.adapter, layer))
+            return self._solver_from_moment(layer, spec.to_device(device)), spec.describe()
+        raise ValueError(f"stats: unsupported value {type(spec).__name__} for layer {layer}")
+
+    def _weight32(self, layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """(fp32 view of the current weight for the math, master copy or None)."""
+        weight = self.adapter.weight(layer)
+        if weight.dtype in (torch.float32, torch.float64):
+            return weight.detach().float(), None
+        master = self._masters.get(layer)
+        if master is not None and not torch.equal(weight.detach(), master.to(weight.dtype)):
+            warnings.warn(
+                f"layer {layer}'s weight was changed outside this editor; taking a new fp32 master copy",
+                stacklevel=3,
+            )
+            master = None
+        if master is None:
+            master = weight.detach().float()
+            self._masters[layer] = master
+        return master, master
+
+    # -- editing --------------------------------------------------------------------------------
+    def _prepare(self, reqs: List[EditRequest]) -> List[int]:
+        """Per-request layer, after checking every request tokenises; raises before any change."""
+        layers = []
+        for i, req in enumerate(reqs):
+            layer = self.layer if req.layer is None else self.adapter.check_layer(req.layer, f"requests[{i}].layer")
+            try:
+                subject_prompt(self.tokenizer, req.prompt, req.subject)
+                if not target_ids(self.tokenizer, req.text, req.target_text()):
+                    raise ValueError("target tokenises to nothing")
+            except ValueError as exc:
+                raise ValueError(f"requests[{i}]: {exc}") from None
+            layers.append(layer)
+        return layers
+
+    def edit(self, requests: Union[RequestLike, Iterable[RequestLike]]) -> EditReport:
+        """Apply ``requests`` one after another; returns their report.
+
+        Under ``policy='raise'`` a refused edit raises :class:`EditRefused` (its ``report`` holds the
+        edits of this call so far); the refused edit has written nothing, earlier ones stay applied.
+        """
+        reqs = parse_requests(requests)
+        layers = self._prepare(reqs)
+        report = EditReport()
+        t0 = _now()
+        self._ensure_solvers(layers)
+        stats_seconds = _now() - t0
+        t0 = _now()
+        templates = self.templates()
+        template_seconds = _now() - t0
+
+        from tqdm.auto import tqdm
+
+        show = self.progress if self.progress is not None else _stderr_is_tty()
+        bar = tqdm(total=len(reqs), desc="editing", unit="edit", disable=not show or len(reqs) < 2)
+        try:
+            for i, (req, layer) in enumerate(zip(reqs, layers)):
+                rec = EditRecord(
+                    index=len(self.history), case_id=req.case_id, prompt=req.text, subject=req.subject,
+                    target_new=req.target_new, layer=layer, mode=self.config.mode,
+                    stats=self._stats_source.get(layer, ""),
+                )
+                if i == 0:
+                    rec.seconds["stats"] = stats_seconds
+                    rec.seconds["templates"] = template_seconds
+                self._edit_one(req, layer, templates, rec)
+                report.records.append(rec)
+                self.history.append(rec)
+                bar.update(1)
+                bar.set_postfix(status=rec.status, loss=f"{rec.losses[-1]:.3f}" if rec.losses else "-")
+                if rec.status == "refused" and self.config.policy == "raise":
+                    raise EditRefused(
+                        f"edit of {req.subject!r} → {req.target_new!r} refused: {'; '.join(rec.reasons)} "
+                        "(weights unchanged; policy='skip' goes on, policy='force' overrides)",
+                        report,
+                    )
+        finally:
+            bar.close()
+        return report
+
+    def _edit_one(self, req: EditRequest, layer: int, templates: List[str], rec: EditRecord) -> None:
+        cfg, adapter = self.config, self.adapter
+        with frozen(self.model):
+            t0 = _now()
+            prompts = edit_prompts(self.tokenizer, templates, req)
+            keys, _ = capture_at(adapter, layer, prompts, pad_id(self.tokenizer))
+            k_mean, k_plain = keys.mean(0), keys[0]
+            rec.seconds["keys"] = _now() - t0
+
+            t0 = _now()
+            vr = optimize_value(adapter, self.tokenizer, layer, req, templates, cfg)
+            rec.seconds["values"] = _now() - t0
+            rec.losses, rec.steps, rec.early_stopped = list(vr.losses), vr.steps, vr.early_stopped
+            rec.delta_norm, rec.v_init_norm = float(vr.delta.norm()), float(vr.v_init.norm())
+            rec.target_prob = vr.final_target_prob
+
+            t0 = _now()
+            weight32, _ = self._weight32(layer)
+            plan = update.plan(cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star)
+            total = self._total_ratio[layer] + plan.update_ratio
+            verdict = guards.check(
+                k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
+                update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
+            )
+            rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
+            rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
+            rec.total_update_ratio = total
+            rec.reasons = list(verdict.reasons)
+            rec.seconds["solve"] = _now() - t0
+
+            t0 = _now()
+            if verdict.ok or cfg.policy == "force":
+                _, master = self._weight32(layer)
+                floor = verdict.floor if verdict.ok else -math.inf
+                with torch.no_grad():
+                    applied = update.write(adapter.weight(layer), plan, floor, master)
+                if applied:
+                    rec.status = "applied" if verdict.ok else "forced"
+                    self._total_ratio[layer] = total
+                else:
+                    rec.status = "refused"
+                    rec.reasons = rec.reasons or ["the write refused non-finite values"]
+            else:
+                rec.status = "refused"
+            rec.seconds["write"] = _now() - t0
+            self.last = EditArtifacts(
+                layer=layer, mode=cfg.mode, k_mean=k_mean, k_plain=k_plain, v_init=vr.v_init, v_star=vr.v_star,
+                u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
+            )
+
+
+def _stderr_is_tty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _is_corpus_spec(spec: Any) -> bool:
+    if spec is None:
+        return True
+    if isinstance(spec, (str, os.PathLike)):
+        s = str(spec)
+        if s.lower() in IDENTITY_WORDS:
+            return False
+        if s.lower() in BUNDLED_WORDS:
+            return True
+        return not s.endswith(".safetensors")
+    return False
+
+
+def _check_stats_arg(stats: Any) -> None:
+    """Early, cheap validation of ``stats`` so a wrong value fails at construction."""
+    specs = stats.values() if isinstance(stats, Mapping) else [stats]
+    for spec in specs:
+        if spec is None or spec is False or isinstance(spec, (Tensor, SecondMoment, CovarianceSolver)):
+            continue
+        if isinstance(spec, (str, os.PathLike)):
+            s = str(spec)
+            if s.lower() in IDENTITY_WORDS + BUNDLED_WORDS:
+                continue
+            if not os.path.exists(s):
+                raise ValueError(
+                    f"stats: {s!r} does not exist (give a .safetensors statistics file, a corpus file or "
+                    f"folder, 'bundled', or 'identity')"
+                )
+            continue
+        raise ValueError(f"stats: unsupported value of type {type(spec).__name__}")
+
+
+def edit(
+    model: nn.Module,
+    requests: Union[RequestLike, Iterable[RequestLike]],
+    *,
+    tokenizer: Any = None,
+    stats: StatsLike = None,
+    config: Optional[EditConfig] = None,
+    **overrides: Any,
+) -> EditReport:
+    """Edit ``model`` in place so each request's prompt continues with its new target.
+
+    Args:
+        model: a Hugging Face causal LM.
+        requests: one request or a list (CounterFact dicts, flat dicts or :class:`EditRequest`).
+        tokenizer: the model's tokenizer (inferred for models loaded by :func:`fastrome.load_model`).
+        stats: key statistics, see :class:`Editor`.
+        config: an :class:`EditConfig`; ``overrides`` replace its fields (``layer=5, mode="original"``).
+
+    Returns:
+        An :class:`EditReport` with one record per request.
+    """
+    from fastrome.models import infer_tokenizer
+
+    if tokenizer is None:
+        tokenizer = infer_tokenizer(model)
+    return Editor(model, tokenizer, stats=stats, config=config, **overrides).edit(requests)

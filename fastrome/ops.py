@@ -1,0 +1,379 @@
+"""The numerical ops of fastrome: one entry per op, registered with ``torch.library``.
+
+Every op has a pure-PyTorch reference (:mod:`fastrome.reference`) and, where built, compiled
+implementations. Dispatch picks, per call, the first backend in the preference order for the
+tensors' device that is available and supports their dtypes:
+
+===========  ==========================================
+device       preference
+===========  ==========================================
+cpu          ``cpp`` (C++ extension), ``reference``
+cuda         ``cuda``, ``triton``, ``reference``
+other        ``reference``
+===========  ==========================================
+
+``FASTROME_BACKEND=<name>`` forces one backend for every op; asking for a backend that is missing,
+or that cannot serve the tensors given, raises an error that says why and how to get it.
+
+The public functions below check their arguments (names and values in every message) and then
+call the registered ``torch.ops.fastrome.*`` op, so the same code runs eagerly and under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastrome import reference
+from fastrome import _extension
+
+OPS = ("second_moment_accumulate", "solve_keys", "rank_one_update")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACC_DTYPES = (torch.float32, torch.float64)
+ENV_BACKEND = "FASTROME_BACKEND"
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation family of the ops."""
+
+    name: str
+    device_types: Tuple[str, ...]
+    impls: Callable[[], Dict[str, Callable]]
+    unavailable: Callable[[], Optional[str]]
+    """Returns None when usable, else a sentence saying why not and how to get it."""
+
+    def available(self) -> bool:
+        return self.unavailable() is None
+
+
+def _reference_impls() -> Dict[str, Callable]:
+    return {
+        "second_moment_accumulate": reference.second_moment_accumulate,
+        "solve_keys": reference.solve_keys,
+        "rank_one_update": _reference_rank_one_update,
+    }
+
+
+def _reference_rank_one_update(weight, u, lam, denom, min_denom, master):
+    return reference.rank_one_update(weight, u, lam, denom=denom, min_denom=min_denom, master=master)
+
+
+def _cpp_impls() -> Dict[str, Callable]:
+    lib = torch.ops.fastrome_C
+    return {
+        "second_moment_accumulate": lib.second_moment_accumulate,
+        "solve_keys": lib.solve_keys,
+        "rank_one_update": lib.rank_one_update,
+    }
+
+
+def _cpp_unavailable() -> Optional[str]:
+    err = _extension.load_error()
+    if err is not None:
+        return (
+            f"the C++ extension fastrome._C is not built ({err}); reinstall with "
+            "`pip install --no-build-isolation -e .` and a C++ compiler"
+        )
+    return None
+
+
+def _cuda_unavailable() -> Optional[str]:
+    why = _cpp_unavailable()
+    if why is not None:
+        return why
+    if not _extension.built_with_cuda():
+        return (
+            "fastrome._C was built without CUDA sources; rebuild on a machine with a CUDA toolkit "
+            "and a CUDA build of torch (FASTROME_BUILD_CUDA=1 to insist)"
+        )
+    return "no CUDA kernels are registered in this build"
+
+
+def _triton_unavailable() -> Optional[str]:
+    return "no Triton kernels are registered in this build"
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", ("*",), _reference_impls, lambda: None),
+    "cpp": Backend("cpp", ("cpu",), _cpp_impls, _cpp_unavailable),
+    "cuda": Backend("cuda", ("cuda",), lambda: {}, _cuda_unavailable),
+    "triton": Backend("triton", ("cuda",), lambda: {}, _triton_unavailable),
+}
+
+PREFERENCE: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+_forced: List[Optional[str]] = [None]
+
+
+def _backend_serves(backend: Backend, op: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    why = backend.unavailable()
+    if why is not None:
+        return why
+    if "*" not in backend.device_types and device.type not in backend.device_types:
+        return f"it runs on {', '.join(backend.device_types)} tensors, not {device.type}"
+    if op not in backend.impls():
+        return f"it does not implement {op}"
+    return None
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`use_backend` or ``FASTROME_BACKEND``, if any."""
+    name = _forced[0] or os.environ.get(ENV_BACKEND) or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={name!r} is not a backend; choose one of {sorted(BACKENDS)}")
+    return name
+
+
+def select_backend(op: str, device: Union[torch.device, str]) -> str:
+    """Name of the backend that serves ``op`` for tensors on ``device``."""
+    device = torch.device(device)
+    forced = forced_backend()
+    if forced is not None:
+        why = _backend_serves(BACKENDS[forced], op, device)
+        if why is not None:
+            raise RuntimeError(f"backend {forced!r} was requested for {op} on {device.type}, but {why}")
+        return forced
+    for name in PREFERENCE.get(device.type, ("reference",)):
+        if _backend_serves(BACKENDS[name], op, device) is None:
+            return name
+    return "reference"
+
+
+def _impl(op: str, device: torch.device) -> Callable:
+    return BACKENDS[select_backend(op, device)].impls()[op]
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force ``name`` for every op inside the block (``None`` restores automatic choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend: {name!r} is not one of {sorted(BACKENDS)}")
+    previous = _forced[0]
+    _forced[0] = name
+    try:
+        yield
+    finally:
+        _forced[0] = previous
+
+
+def backend_table(devices: Sequence[str] = ("cpu", "cuda")) -> List[Dict[str, str]]:
+    """One row per (op, device): the backend that serves it now, and why others do not."""
+    rows = []
+    for op in OPS:
+        for dev in devices:
+            try:
+                chosen = select_backend(op, dev)
+            except RuntimeError as exc:
+                chosen = f"error: {exc}"
+            skipped = {}
+            for name in PREFERENCE.get(dev, ("reference",)):
+                if name == chosen:
+                    break
+                skipped[name] = _backend_serves(BACKENDS[name], op, torch.device(dev)) or ""
+            rows.append({"op": op, "device": dev, "backend": chosen, "skipped": skipped})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastrome::second_moment_accumulate", mutates_args=("acc",))
+def _second_moment_accumulate_op(acc: Tensor, x: Tensor, mask: Optional[Tensor]) -> None:
+    _impl("second_moment_accumulate", acc.device)(acc, x, mask)
+
+
+@_second_moment_accumulate_op.register_fake
+def _(acc, x, mask):
+    return None
+
+
+@torch.library.custom_op("fastrome::solve_keys", mutates_args=())
+def _solve_keys_op(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    return _impl("solve_keys", factor.device)(factor, k)
+
+
+@_solve_keys_op.register_fake
+def _(factor, k):
+    out_dtype = torch.promote_types(k.dtype, torch.float32)
+    return k.new_empty(k.shape, dtype=out_dtype), k.new_empty(k.shape[:-1], dtype=out_dtype)
+
+
+@torch.library.custom_op("fastrome::rank_one_update", mutates_args=("weight", "master"))
+def _rank_one_update_op(
+    weight: Tensor, u: Tensor, lam: Tensor, denom: Tensor, min_denom: Tensor, master: Optional[Tensor]
+) -> Tensor:
+    return _impl("rank_one_update", weight.device)(weight, u, lam, denom, min_denom, master)
+
+
+@_rank_one_update_op.register_fake
+def _(weight, u, lam, denom, min_denom, master):
+    return weight.new_empty((), dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points (checked)
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+    return f"{type(t).__name__} {t!r}"
+
+
+def _require_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {_describe(t)}")
+    return t
+
+
+def _require_same_device(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        listing = ", ".join(f"{n} on {t.device}" for n, t in zip(names, tensors))
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def second_moment_accumulate(acc: Tensor, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Add the second moment of the rows of ``x`` into ``acc``: ``acc += xᵀx`` over masked rows.
+
+    Args:
+        acc: (d, d) float32 or float64 accumulator, updated in place; it holds the full symmetric
+            sum afterwards.
+        x: (n, d) rows in any float dtype (bf16/fp16/fp32/fp64), any strides.
+        mask: optional (n,) bool; only rows where it is true are added.
+
+    Returns:
+        ``acc`` (the same tensor).
+    """
+    _require_tensor("acc", acc)
+    _require_tensor("x", x)
+    if acc.dim() != 2 or acc.shape[0] != acc.shape[1] or acc.dtype not in ACC_DTYPES:
+        raise ValueError(f"acc: expected a square (d, d) float32/float64 tensor, got {_describe(acc)}")
+    if x.dim() != 2 or x.shape[1] != acc.shape[0] or x.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"x: expected an (n, {acc.shape[0]}) floating-point tensor to match acc, got {_describe(x)}"
+        )
+    tensors, names = [acc, x], ["acc", "x"]
+    if mask is not None:
+        _require_tensor("mask", mask)
+        if mask.dtype != torch.bool or mask.dim() != 1 or mask.shape[0] != x.shape[0]:
+            raise ValueError(f"mask: expected a ({x.shape[0]},) bool tensor, got {_describe(mask)}")
+        tensors.append(mask)
+        names.append("mask")
+    _require_same_device(names, tensors)
+    with torch.no_grad():
+        torch.ops.fastrome.second_moment_accumulate(acc, x, mask)
+    return acc
+
+
+def solve_keys(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = (L Lᵀ)⁻¹ k`` and ``denom = uᵀk`` from a lower Cholesky factor ``L``.
+
+    Args:
+        factor: (d, d) lower-triangular Cholesky factor (float32/float64) of ``C + ridge·I``.
+        k: (d,) one key or (b, d) a batch of keys, any float dtype.
+
+    Returns:
+        ``(u, denom)``: u with k's shape, denom of shape () or (b,), both in
+        ``promote(k.dtype, float32)``; denom is computed from the returned (rounded) ``u``.
+    """
+    _require_tensor("factor", factor)
+    _require_tensor("k", k)
+    if factor.dim() != 2 or factor.shape[0] != factor.shape[1] or factor.dtype not in ACC_DTYPES:
+        raise ValueError(f"factor: expected a square float32/float64 matrix, got {_describe(factor)}")
+    if k.dim() not in (1, 2) or k.shape[-1] != factor.shape[0] or k.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"k: expected shape ({factor.shape[0]},) or (b, {factor.shape[0]}) floating point, "
+            f"got {_describe(k)}"
+        )
+    _require_same_device(["factor", "k"], [factor, k])
+    with torch.no_grad():
+        return torch.ops.fastrome.solve_keys(factor, k)
+
+
+def _as_scalar_tensor(name: str, value: Union[float, Tensor], device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not (value.is_floating_point()):
+            raise ValueError(f"{name}: expected a floating-point scalar tensor, got {_describe(value)}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name}: expected a scalar on {device} or the CPU, got {_describe(value)}")
+        return value.reshape(()).to(device=device)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    raise TypeError(f"{name}: expected a float or a scalar tensor, got {_describe(value)}")
+
+
+def rank_one_update(
+    weight: Tensor,
+    u: Tensor,
+    lam: Tensor,
+    *,
+    denom: Union[float, Tensor],
+    min_denom: Union[float, Tensor],
+    master: Optional[Tensor] = None,
+) -> Tensor:
+    """Guarded, in-place rank-one write ``weight += lam ⊗ u``.
+
+    The write happens only if ``denom``, ``u`` and ``lam`` are all finite and
+    ``denom > min_denom``; otherwise nothing is touched (bit for bit). The arithmetic is fp32
+    (fp64 for fp64 data) whatever the weight dtype.
+
+    Args:
+        weight: (d_out, d_in) weight in nn.Linear orientation, any float dtype; a transposed view
+            (``conv1d.weight.t()``) writes a Conv1D layout in place.
+        u: (d_in,) left vector (e.g. ``C⁻¹k``).
+        lam: (d_out,) right vector Λ.
+        denom: the update's denominator ``uᵀk`` (float or 0-dim tensor), checked on the device.
+        min_denom: the smallest denominator accepted (exclusive).
+        master: optional (d_out, d_in) fp32/fp64 master copy: ``master += lam ⊗ u`` and then
+            ``weight = round(master)``, so repeated writes to bf16/fp16 weights do not drift.
+
+    Returns:
+        0-dim bool tensor on ``weight.device``: whether the write happened.
+    """
+    _require_tensor("weight", weight)
+    _require_tensor("u", u)
+    _require_tensor("lam", lam)
+    if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weight: expected a 2-D floating-point tensor, got {_describe(weight)}")
+    d_out, d_in = weight.shape
+    if u.dim() != 1 or u.shape[0] != d_in or u.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"u: expected a ({d_in},) floating-point vector to match weight, got {_describe(u)}")
+    if lam.dim() != 1 or lam.shape[0] != d_out or lam.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"lam: expected a ({d_out},) floating-point vector to match weight, got {_describe(lam)}"
+        )
+    tensors, names = [weight, u, lam], ["weight", "u", "lam"]
+    if master is not None:
+        _require_tensor("master", master)
+        if master.shape != weight.shape or master.dtype not in ACC_DTYPES:
+            raise ValueError(
+                f"master: expected a float32/float64 tensor of shape {tuple(weight.shape)}, "
+                f"got {_describe(master)}"
+            )
+        tensors.append(master)
+        names.append("master")
+    _require_same_device(names, tensors)
+    denom_t = _as_scalar_tensor("denom", denom, weight.device)
+    min_denom_t = _as_scalar_tensor("min_denom", min_denom, weight.device)
+    with torch.no_grad():
+        return torch.ops.fastrome.rank_one_update(weight, u, lam, denom_t, min_denom_t, master)

@@ -1,0 +1,93 @@
+"""Pure-PyTorch versions of every fastrome op.
+
+These are the oracles the kernels are tested against and the fallback that always works, on any
+device and dtype. They favour clarity over speed and may synchronise with the host.
+Argument checking lives in :mod:`fastrome.ops`; these functions assume valid inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fastrome does arithmetic in for data stored as ``dtype``: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def second_moment_accumulate(acc: Tensor, x: Tensor, mask: Optional[Tensor] = None) -> None:
+    """``acc += xᵀx`` over the rows of ``x`` where ``mask`` is true.
+
+    acc: (d, d) fp32/fp64, updated in place. x: (n, d) any float dtype. mask: (n,) bool or None.
+    The product is formed in ``acc``'s dtype, so an fp64 accumulator gets an fp64 product.
+    """
+    rows = x if mask is None else x[mask]
+    if rows.shape[0] == 0:
+        return
+    rows = rows.to(acc.dtype)
+    acc.addmm_(rows.t(), rows)
+    # A GEMM need not round (i, j) and (j, i) alike: mirror the upper triangle so acc stays exactly
+    # symmetric.
+    acc.copy_(acc.triu() + acc.triu(1).t())
+
+
+def solve_keys(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    """Solve ``(L Lᵀ) u = k`` for one key (d,) or a batch (b, d) from a lower Cholesky factor.
+
+    Returns ``(u, denom)`` with ``denom = uᵀk`` per key. Both come back in
+    ``promote(k.dtype, fp32)``; ``denom`` is formed in fp64 from the *rounded* ``u`` so that it is
+    exactly the denominator of the rank-one update that ``u`` will write.
+    """
+    out_dtype = torch.promote_types(k.dtype, torch.float32)
+    kk = k.to(factor.dtype)
+    batched = kk.dim() == 2
+    rhs = kk.t() if batched else kk.unsqueeze(1)
+    u = torch.cholesky_solve(rhs, factor)
+    u = (u.t() if batched else u.squeeze(1)).to(out_dtype)
+    denom = (u.to(torch.float64) * k.to(torch.float64)).sum(-1).to(out_dtype)
+    return u, denom
+
+
+def update_allowed(u: Tensor, lam: Tensor, denom: Tensor, min_denom: Union[float, Tensor]) -> Tensor:
+    """The write guard: ``denom``, ``u`` and ``lam`` finite and ``denom > min_denom`` (0-dim bool)."""
+    denom = denom.to(torch.float64)
+    min_denom_t = torch.as_tensor(min_denom, dtype=torch.float64, device=denom.device)
+    ok = torch.isfinite(denom) & (denom > min_denom_t)
+    ok = ok & torch.isfinite(u).all().to(ok.device) & torch.isfinite(lam).all().to(ok.device)
+    return ok.reshape(())
+
+
+def rank_one_update(
+    weight: Tensor,
+    u: Tensor,
+    lam: Tensor,
+    *,
+    denom: Tensor,
+    min_denom: Union[float, Tensor],
+    master: Optional[Tensor] = None,
+) -> Tensor:
+    """Guarded in-place ``weight += lam ⊗ u`` (through ``master`` when given).
+
+    weight: (d_out, d_in), any float dtype, any strides (a transposed view writes a Conv1D layout).
+    u: (d_in,), lam: (d_out,), denom: 0-dim. master: (d_out, d_in) fp32/fp64 or None.
+    With a master, ``master += lam ⊗ u`` then ``weight = round(master)``; without one the sum is
+    formed in fp32 (fp64 for fp64 weights) and rounded once. Returns the applied flag (0-dim bool,
+    on the weight's device); when it is false nothing has been written.
+    """
+    cd = master.dtype if master is not None else compute_dtype(weight.dtype)
+    # Guard the vectors in the dtype they are written in: finite fp64 values can overflow fp32.
+    u, lam = u.to(cd), lam.to(cd)
+    ok = update_allowed(u, lam, denom, min_denom).to(weight.device)
+    if not bool(ok):
+        return ok
+    if master is not None:
+        master.addr_(lam, u)
+        weight.copy_(master)
+    elif weight.dtype == cd:
+        weight.addr_(lam, u)
+    else:
+        weight.copy_(torch.addr(weight.to(cd), lam, u))
+    return ok

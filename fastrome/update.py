@@ -1,0 +1,87 @@
+"""The rank-one update of one edit: left vector, denominator, Λ, and the guarded write.
+
+``consistent``: u = C⁻¹k̄, Λ = (v* − (Wk̄ + b)) / (uᵀk̄).
+``original``:   u = C⁻¹k̄, Λ = (v* − (Wk_u + b)) / (uᵀk_u)   (the published code's mixed keys).
+``prompt``:     u = C⁻¹k_u, Λ = (v* − (Wk_u + b)) / (uᵀk_u).
+The numerator's current output is computed from the weight in fp32 (its master copy for bf16/fp16
+weights) rather than read from a forward pass, so it matches the matrix the update is added to and
+``W'k = v*`` holds to fp32 precision afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastrome import ops
+from fastrome.solver import CovarianceSolver
+
+
+@dataclass
+class UpdatePlan:
+    """Everything about one rank-one update before it is written. Vectors are fp32."""
+
+    u: Tensor  # (d_in,)
+    lam: Tensor  # (d_out,)
+    key: Tensor  # (d_in,) the key of the denominator and numerator
+    denom: float  # uᵀkey
+    update_norm: float  # ‖Λ uᵀ‖_F = ‖Λ‖·‖u‖
+    weight_norm: float  # ‖W‖_F before the update
+
+    @property
+    def update_ratio(self) -> float:
+        return self.update_norm / self.weight_norm if self.weight_norm > 0 else float("inf")
+
+    @property
+    def denom_rel(self) -> float:
+        """uᵀk / (‖u‖·‖k‖): the cosine between u and its key."""
+        scale = float(self.u.double().norm() * self.key.double().norm())
+        return self.denom / scale if scale > 0 else float("nan")
+
+
+def plan(
+    mode: str,
+    solver: CovarianceSolver,
+    weight32: Tensor,
+    bias: Optional[Tensor],
+    k_mean: Tensor,
+    k_plain: Tensor,
+    v_star: Tensor,
+) -> UpdatePlan:
+    """Compute u, the denominator and Λ for ``mode``.
+
+    Args:
+        weight32: (d_out, d_in) current weight in fp32 (the master copy for half-precision models).
+        bias: (d_out,) or None.
+        k_mean: (d_in,) mean key over the context templates (k̄); k_plain: the unprefixed key (k_u).
+        v_star: (d_out,) target value.
+    """
+    device = weight32.device
+    k_mean, k_plain, v_star = (t.to(device=device, dtype=torch.float32) for t in (k_mean, k_plain, v_star))
+    if mode == "prompt":
+        u, denom_t = solver.solve(k_plain)
+        key = k_plain
+    else:
+        u, denom_t = solver.solve(k_mean)
+        key = k_mean
+        if mode == "original":
+            key = k_plain
+            denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
+    u = u.to(device=device, dtype=torch.float32)
+    denom = float(denom_t)
+    current = torch.mv(weight32, key)
+    if bias is not None:
+        current = current + bias.to(device=device, dtype=torch.float32)
+    lam = ((v_star - current).to(torch.float64) / denom).to(torch.float32)
+    update_norm = float(lam.double().norm() * u.double().norm())
+    weight_norm = float(weight32.norm())
+    return UpdatePlan(u=u, lam=lam, key=key, denom=denom, update_norm=update_norm, weight_norm=weight_norm)
+
+
+def write(weight: Tensor, p: UpdatePlan, min_denom: float, master: Optional[Tensor]) -> bool:
+    """The guarded in-place write ``W += Λuᵀ`` (through ``master``); True if it happened."""
+    applied = ops.rank_one_update(weight, p.u, p.lam, denom=p.denom, min_denom=min_denom, master=master)
+    return bool(applied)
