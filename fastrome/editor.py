@@ -257,7 +257,7 @@ class Editor:
         from tqdm.auto import tqdm
 
         show = self.progress if self.progress is not None else _stderr_is_tty()
-        bar = tqdm(total=len(reqs), desc="editing", unit="edit", disable=not show or len(reqs) < 2)
+        bar = tqdm(total=len(reqs), desc="editing", unit="edit", disable=not show)
         try:
             for i, (req, layer) in enumerate(zip(reqs, layers)):
                 rec = EditRecord(
@@ -268,7 +268,7 @@ class Editor:
                 if i == 0:
                     rec.seconds["stats"] = stats_seconds
                     rec.seconds["templates"] = template_seconds
-                self._edit_one(req, layer, templates, rec)
+                self._edit_one(req, layer, templates, rec, bar)
                 report.records.append(rec)
                 self.history.append(rec)
                 bar.update(1)
@@ -283,7 +283,7 @@ class Editor:
             bar.close()
         return report
 
-    def _edit_one(self, req: EditRequest, layer: int, templates: List[str], rec: EditRecord) -> None:
+    def _edit_one(self, req: EditRequest, layer: int, templates: List[str], rec: EditRecord, bar: Any) -> None:
         cfg, adapter = self.config, self.adapter
         with frozen(self.model):
             t0 = _now()
@@ -293,7 +293,10 @@ class Editor:
             rec.seconds["keys"] = _now() - t0
 
             t0 = _now()
-            vr = optimize_value(adapter, self.tokenizer, layer, req, templates, cfg)
+            vr = optimize_value(
+                adapter, self.tokenizer, layer, req, templates, cfg,
+                on_step=lambda it, loss: bar.set_postfix(subject=req.subject[:20], step=it, loss=f"{loss:.3f}"),
+            )
             rec.seconds["values"] = _now() - t0
             rec.losses, rec.steps, rec.early_stopped = list(vr.losses), vr.steps, vr.early_stopped
             rec.delta_norm, rec.v_init_norm = float(vr.delta.norm()), float(vr.v_init.norm())

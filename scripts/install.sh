@@ -20,7 +20,11 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "$PY" -m pip install "torch==$TORCH_VERSION"
 else
   echo "[fastrome] no GPU: installing the CPU build torch==$TORCH_VERSION+cpu"
-  "$PY" -m pip install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # torch alone first: a local wheel (pip's find-links) when there is one, else PyTorch's CPU index;
+  # then its dependencies from the regular index (torch itself is already satisfied by then).
+  "$PY" -m pip install --no-index --no-deps "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+    || "$PY" -m pip install --no-deps "torch==$TORCH_VERSION+cpu" --index-url https://download.pytorch.org/whl/cpu
+  "$PY" -m pip install "torch==$TORCH_VERSION+cpu"
 fi
 
 # Build tools for the extension; the build runs without isolation so it compiles against this torch.

@@ -352,18 +352,3 @@ def test_bad_argument_types(tmp_path: Path) -> None:
         open_corpus(seed="0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="text_field"):
         open_corpus(text_field="")
-
-
-def test_corpus_module_does_not_import_torch() -> None:
-    code = "import sys, fastrome.corpus; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
-
-
-def test_dot_directory_uses_its_real_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path / "named"
-    root.mkdir()
-    (root / "a.txt").write_text("x\n", encoding="utf-8")
-    monkeypatch.chdir(root)
-    assert open_corpus(".").id == open_corpus(root).id
-    assert open_corpus(".").id.startswith("file:named@")
