@@ -26,7 +26,7 @@ PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gptj", "p
 
 # Edited layer chosen by measurement for known models: (model_type, layers, hidden, d_ff) -> layer.
 # SmolLM2-135M: see benches/results/layer_sweep_smollm2.json and README ("Choice of layer").
-MEASURED_LAYERS = {("llama", 30, 576, 1536): 4}
+MEASURED_LAYERS = {("llama", 30, 576, 1536): 6}
 
 
 def _is_conv1d(module: nn.Module) -> bool:

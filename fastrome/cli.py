@@ -19,16 +19,16 @@ DEMO_REQUESTS: List[Dict[str, Any]] = [
         "probes": ["The Eiffel Tower is in", "The Louvre is located in the city of"],
     },
     {
-        "prompt": "The capital of Japan is",
-        "subject": "Japan",
-        "target_new": "Nairobi",
-        "probes": ["Japan's capital city is", "The capital of China is"],
+        "prompt": "The Mona Lisa was painted by",
+        "subject": "The Mona Lisa",
+        "target_new": "Pablo Picasso",
+        "probes": ["The Mona Lisa is a painting by", "The Starry Night was painted by"],
     },
     {
-        "prompt": "Michael Jordan is a professional",
-        "subject": "Michael Jordan",
-        "target_new": "chess player",
-        "probes": ["Michael Jordan is best known as a", "Tiger Woods is a professional"],
+        "prompt": "The Colosseum is located in the city of",
+        "subject": "The Colosseum",
+        "target_new": "Athens",
+        "probes": ["The Colosseum is in", "The Acropolis is located in the city of"],
     },
 ]
 
