@@ -54,7 +54,8 @@ def _load(args: argparse.Namespace):
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
     if not args.json:
-        _print(f"loaded {args.model or 'the default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t0:.1f} s")
+        name = args.model or "the default model (SmolLM2-135M-Instruct)"
+        _print(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
     return model, tok
 
 

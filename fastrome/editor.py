@@ -304,7 +304,9 @@ class Editor:
 
             t0 = _now()
             weight32, _ = self._weight32(layer)
-            plan = update.plan(cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star)
+            plan = update.plan(
+                cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star
+            )
             total = self._total_ratio[layer] + plan.update_ratio
             verdict = guards.check(
                 k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,

@@ -38,7 +38,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def score_targets(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> List[TargetScore]:
+def score_targets(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]
+) -> List[TargetScore]:
     """Score ``targets[i]`` (a leading space is added if missing) after ``prompts[i]``, batched."""
     seqs, spans = [], []
     for prompt, target in zip(prompts, targets):

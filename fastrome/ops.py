@@ -30,8 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from fastrome import reference
-from fastrome import _extension
+from fastrome import _extension, reference
 
 OPS = ("second_moment_accumulate", "solve_keys", "rank_one_update")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

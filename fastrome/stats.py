@@ -185,7 +185,9 @@ def compute(
     if budget < 1:
         raise ValueError(f"tokens: expected a positive budget, got {tokens!r}")
     model = adapter.model
-    accs = {layer: torch.zeros(adapter.d_in, adapter.d_in, dtype=dtype, device=adapter.device(layer)) for layer in layers}
+    accs = {
+        layer: torch.zeros(adapter.d_in, adapter.d_in, dtype=dtype, device=adapter.device(layer)) for layer in layers
+    }
     deepest = layers[-1]
     current_mask: Dict[str, Tensor] = {}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastrome
-from fastrome import CovarianceSolver, EditRefused, Editor
+from fastrome import CovarianceSolver, Editor, EditRefused
 from fastrome.adapter import ModelAdapter
 from fastrome.keys import capture_at
 from fastrome.prompts import edit_prompts
