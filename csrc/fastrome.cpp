@@ -7,8 +7,8 @@
 TORCH_LIBRARY(fastrome_C, m) {
   // acc += xᵀx over rows where mask is true; acc must be symmetric on entry and is on exit.
   m.def("second_moment_accumulate(Tensor(a!) acc, Tensor x, Tensor? mask) -> ()");
-  // (u, uᵀk) with u = (L Lᵀ)⁻¹ k from the lower Cholesky factor L, for k of shape (d,) or (b, d).
-  m.def("solve_keys(Tensor factor, Tensor k) -> (Tensor, Tensor)");
+  // (u, uᵀk) with u = A k from the cached symmetric inverse A = (C + ridge·I)⁻¹, k of shape (d,) or (b, d).
+  m.def("solve_keys(Tensor inverse, Tensor k) -> (Tensor, Tensor)");
   // Guarded weight += lam ⊗ u (through master when given); returns the applied flag.
   m.def(
       "rank_one_update(Tensor(a!) weight, Tensor u, Tensor lam, Tensor denom, Tensor min_denom, "

@@ -1,16 +1,10 @@
 """The numerical ops of fastrome: one entry per op, registered with ``torch.library``.
 
-Every op has a pure-PyTorch reference (:mod:`fastrome.reference`) and, where built, compiled
-implementations. Dispatch picks, per call, the first backend in the preference order for the
-tensors' device that is available and supports their dtypes:
-
-===========  ==========================================
-device       preference
-===========  ==========================================
-cpu          ``cpp`` (C++ extension), ``reference``
-cuda         ``cuda``, ``triton``, ``reference``
-other        ``reference``
-===========  ==========================================
+Every op has a pure-PyTorch reference (:mod:`fastrome.reference`) and, where built or installed,
+kernels: ``cpp`` (C++ CPU, ``csrc/cpu``), ``cuda`` (``csrc/cuda``) and ``triton``
+(``kernels/``, also on CPU tensors under ``TRITON_INTERPRET=1``). Dispatch picks, per call, the
+first backend in :data:`PREFERENCE` for the op and the tensors' device that is available; the
+order per op comes from the benchmarks in ``benches/`` (``fastrome info`` shows the choice).
 
 ``FASTROME_BACKEND=<name>`` forces one backend for every op; asking for a backend that is missing,
 or that cannot serve the tensors given, raises an error that says why and how to get it.
@@ -48,7 +42,7 @@ class Backend:
     """One implementation family of the ops."""
 
     name: str
-    device_types: Tuple[str, ...]
+    device_types: Callable[[], Tuple[str, ...]]
     impls: Callable[[], Dict[str, Callable]]
     unavailable: Callable[[], Optional[str]]
     """Returns None when usable, else a sentence saying why not and how to get it."""
@@ -69,7 +63,8 @@ def _reference_rank_one_update(weight, u, lam, denom, min_denom, master):
     return reference.rank_one_update(weight, u, lam, denom=denom, min_denom=min_denom, master=master)
 
 
-def _cpp_impls() -> Dict[str, Callable]:
+def _compiled_impls() -> Dict[str, Callable]:
+    # One op library for the C++ CPU and the CUDA kernels: the dispatcher routes by device.
     lib = torch.ops.fastrome_C
     return {
         "second_moment_accumulate": lib.second_moment_accumulate,
@@ -97,24 +92,60 @@ def _cuda_unavailable() -> Optional[str]:
             "fastrome._C was built without CUDA sources; rebuild on a machine with a CUDA toolkit "
             "and a CUDA build of torch (FASTROME_BUILD_CUDA=1 to insist)"
         )
-    return "no CUDA kernels are registered in this build"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_unavailable() -> Optional[str]:
-    return "no Triton kernels are registered in this build"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (`pip install triton`)"
+    try:
+        from fastrome import kernels
+
+        kernels.load()
+    except Exception as exc:  # a kernel module that fails to import is reported, not fatal
+        return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_impls() -> Dict[str, Callable]:
+    from fastrome import kernels
+
+    return kernels.load()
+
+
+def _triton_devices() -> Tuple[str, ...]:
+    return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
 
 
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", ("*",), _reference_impls, lambda: None),
-    "cpp": Backend("cpp", ("cpu",), _cpp_impls, _cpp_unavailable),
-    "cuda": Backend("cuda", ("cuda",), lambda: {}, _cuda_unavailable),
-    "triton": Backend("triton", ("cuda",), lambda: {}, _triton_unavailable),
+    "reference": Backend("reference", lambda: ("*",), _reference_impls, lambda: None),
+    "cpp": Backend("cpp", lambda: ("cpu",), _compiled_impls, _cpp_unavailable),
+    "cuda": Backend("cuda", lambda: ("cuda",), _compiled_impls, _cuda_unavailable),
+    "triton": Backend("triton", _triton_devices, _triton_impls, _triton_unavailable),
 }
 
-PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "cpu": ("cpp", "reference"),
-    "cuda": ("cuda", "triton", "reference"),
+# Preference per (device type, op), fastest first, from the benchmarks in benches/ (README,
+# "Kernel benchmarks"). The first available backend that serves the tensors is used.
+PREFERENCE: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "cpu": {
+        "second_moment_accumulate": ("cpp", "reference"),
+        "solve_keys": ("cpp", "reference"),
+        "rank_one_update": ("cpp", "reference"),
+    },
+    "cuda": {op: ("cuda", "triton", "reference") for op in OPS},
 }
+
+
+def preference(op: str, device_type: str) -> Tuple[str, ...]:
+    return PREFERENCE.get(device_type, {}).get(op, ("reference",))
+
 
 _forced: List[Optional[str]] = [None]
 
@@ -124,8 +155,9 @@ def _backend_serves(backend: Backend, op: str, device: torch.device) -> Optional
     why = backend.unavailable()
     if why is not None:
         return why
-    if "*" not in backend.device_types and device.type not in backend.device_types:
-        return f"it runs on {', '.join(backend.device_types)} tensors, not {device.type}"
+    types = backend.device_types()
+    if "*" not in types and device.type not in types:
+        return f"it runs on {', '.join(types)} tensors, not {device.type}"
     if op not in backend.impls():
         return f"it does not implement {op}"
     return None
@@ -148,7 +180,7 @@ def select_backend(op: str, device: Union[torch.device, str]) -> str:
         if why is not None:
             raise RuntimeError(f"backend {forced!r} was requested for {op} on {device.type}, but {why}")
         return forced
-    for name in PREFERENCE.get(device.type, ("reference",)):
+    for name in preference(op, device.type):
         if _backend_serves(BACKENDS[name], op, device) is None:
             return name
     return "reference"
@@ -181,7 +213,7 @@ def backend_table(devices: Sequence[str] = ("cpu", "cuda")) -> List[Dict[str, st
             except RuntimeError as exc:
                 chosen = f"error: {exc}"
             skipped = {}
-            for name in PREFERENCE.get(dev, ("reference",)):
+            for name in preference(op, dev):
                 if name == chosen:
                     break
                 skipped[name] = _backend_serves(BACKENDS[name], op, torch.device(dev)) or ""
@@ -205,12 +237,12 @@ def _(acc, x, mask):
 
 
 @torch.library.custom_op("fastrome::solve_keys", mutates_args=())
-def _solve_keys_op(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-    return _impl("solve_keys", factor.device)(factor, k)
+def _solve_keys_op(inverse: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    return _impl("solve_keys", inverse.device)(inverse, k)
 
 
 @_solve_keys_op.register_fake
-def _(factor, k):
+def _(inverse, k):
     out_dtype = torch.promote_types(k.dtype, torch.float32)
     return k.new_empty(k.shape, dtype=out_dtype), k.new_empty(k.shape[:-1], dtype=out_dtype)
 
@@ -284,29 +316,30 @@ def second_moment_accumulate(acc: Tensor, x: Tensor, mask: Optional[Tensor] = No
     return acc
 
 
-def solve_keys(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-    """``u = (L Lᵀ)⁻¹ k`` and ``denom = uᵀk`` from a lower Cholesky factor ``L``.
+def solve_keys(inverse: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = A k`` and ``denom = uᵀk`` in one pass, from the cached inverse ``A = (C + ridge·I)⁻¹``.
 
     Args:
-        factor: (d, d) lower-triangular Cholesky factor (float32/float64) of ``C + ridge·I``.
+        inverse: (d, d) symmetric float32/float64 matrix (:class:`fastrome.CovarianceSolver` keeps
+            it); the product is formed in its dtype.
         k: (d,) one key or (b, d) a batch of keys, any float dtype.
 
     Returns:
         ``(u, denom)``: u with k's shape, denom of shape () or (b,), both in
         ``promote(k.dtype, float32)``; denom is computed from the returned (rounded) ``u``.
     """
-    _require_tensor("factor", factor)
+    _require_tensor("inverse", inverse)
     _require_tensor("k", k)
-    if factor.dim() != 2 or factor.shape[0] != factor.shape[1] or factor.dtype not in ACC_DTYPES:
-        raise ValueError(f"factor: expected a square float32/float64 matrix, got {_describe(factor)}")
-    if k.dim() not in (1, 2) or k.shape[-1] != factor.shape[0] or k.dtype not in FLOAT_DTYPES:
+    if inverse.dim() != 2 or inverse.shape[0] != inverse.shape[1] or inverse.dtype not in ACC_DTYPES:
+        raise ValueError(f"inverse: expected a square float32/float64 matrix, got {_describe(inverse)}")
+    if k.dim() not in (1, 2) or k.shape[-1] != inverse.shape[0] or k.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"k: expected shape ({factor.shape[0]},) or (b, {factor.shape[0]}) floating point, "
+            f"k: expected shape ({inverse.shape[0]},) or (b, {inverse.shape[0]}) floating point, "
             f"got {_describe(k)}"
         )
-    _require_same_device(["factor", "k"], [factor, k])
+    _require_same_device(["inverse", "k"], [inverse, k])
     with torch.no_grad():
-        return torch.ops.fastrome.solve_keys(factor, k)
+        return torch.ops.fastrome.solve_keys(inverse, k)
 
 
 def _as_scalar_tensor(name: str, value: Union[float, Tensor], device: torch.device) -> Tensor:

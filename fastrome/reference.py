@@ -34,19 +34,15 @@ def second_moment_accumulate(acc: Tensor, x: Tensor, mask: Optional[Tensor] = No
     acc.copy_(acc.triu() + acc.triu(1).t())
 
 
-def solve_keys(factor: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
-    """Solve ``(L Lᵀ) u = k`` for one key (d,) or a batch (b, d) from a lower Cholesky factor.
+def solve_keys(inverse: Tensor, k: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = A k`` for one key (d,) or a batch (b, d), with ``A = (C + ridge·I)⁻¹`` cached (symmetric).
 
-    Returns ``(u, denom)`` with ``denom = uᵀk`` per key. Both come back in
-    ``promote(k.dtype, fp32)``; ``denom`` is formed in fp64 from the *rounded* ``u`` so that it is
-    exactly the denominator of the rank-one update that ``u`` will write.
+    Returns ``(u, denom)`` with ``denom = uᵀk`` per key. The product is formed in ``A``'s dtype;
+    ``u`` and ``denom`` come back in ``promote(k.dtype, fp32)``, and ``denom`` is formed in fp64
+    from the *rounded* ``u`` so that it is exactly the denominator of the update ``u`` will write.
     """
     out_dtype = torch.promote_types(k.dtype, torch.float32)
-    kk = k.to(factor.dtype)
-    batched = kk.dim() == 2
-    rhs = kk.t() if batched else kk.unsqueeze(1)
-    u = torch.cholesky_solve(rhs, factor)
-    u = (u.t() if batched else u.squeeze(1)).to(out_dtype)
+    u = (k.to(inverse.dtype) @ inverse).to(out_dtype)  # A is symmetric: k A = (A k)ᵀ
     denom = (u.to(torch.float64) * k.to(torch.float64)).sum(-1).to(out_dtype)
     return u, denom
 

@@ -1,4 +1,28 @@
 """Triton kernels of fastrome, installed as ``fastrome.kernels``.
 
-Kernels only: no argument checks and no policy. :mod:`fastrome.ops` decides when they run.
+Kernels and their launch wrappers only: no argument checks and no policy; :mod:`fastrome.ops`
+checks arguments and decides when they run. Importing this package does not import Triton;
+:func:`load` does.
 """
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+
+def load() -> Dict[str, Callable]:
+    """The Triton implementation of each op, keyed by op name (imports Triton).
+
+    Signatures match the registered ops: ``second_moment_accumulate(acc, x, mask)``,
+    ``solve_keys(inverse, k) -> (u, denom)``,
+    ``rank_one_update(weight, u, lam, denom, min_denom, master) -> applied``.
+    """
+    from fastrome.kernels.rank_one_update import rank_one_update
+    from fastrome.kernels.second_moment import second_moment_accumulate
+    from fastrome.kernels.solve_keys import solve_keys
+
+    return {
+        "second_moment_accumulate": second_moment_accumulate,
+        "solve_keys": solve_keys,
+        "rank_one_update": rank_one_update,
+    }

@@ -332,12 +332,13 @@ def condition_number(c):
     return (ev[-1] / ev[0]).item()
 
 
-def cholesky(c):
+def inverse_of(c):
     with one_thread():
-        return torch.linalg.cholesky(c)
+        inv = torch.cholesky_inverse(torch.linalg.cholesky(c))
+    return 0.5 * (inv + inv.t())
 
 
-def check_solve(u, denom, factor, c, cond, k):
+def check_solve(u, denom, inverse, c, cond, k):
     d = c.shape[0]
     out_dtype = torch.promote_types(k.dtype, torch.float32)
     assert u.dtype == out_dtype and denom.dtype == out_dtype
@@ -348,11 +349,11 @@ def check_solve(u, denom, factor, c, cond, k):
     k64 = k.double()
     with one_thread():
         want = torch.linalg.solve(c, k64.reshape(-1, d).t()).t().reshape(k.shape)
-    # Perturbation bound: a factor rounded to eps_f gives a relative error up to ~cond·sqrt(d)·eps_f
-    # (fp64 arithmetic in the solve adds far less); the output rounding adds eps_out.
-    eps_f = torch.finfo(factor.dtype).eps
+    # Perturbation bound: an inverse rounded (and accumulated) at eps_a gives a relative error up to
+    # ~cond·sqrt(d)·eps_a; the output rounding adds eps_out.
+    eps_a = torch.finfo(inverse.dtype).eps
     eps_out = torch.finfo(out_dtype).eps
-    tol = 4.0 * cond * (math.sqrt(d) + 1.0) * eps_f + 2.0 * eps_out
+    tol = 4.0 * cond * (math.sqrt(d) + 1.0) * eps_a + 2.0 * eps_out
     err = (u.double() - want).norm(dim=-1) / want.norm(dim=-1)
     assert (err <= tol).all(), f"relative error {err.max().item():.3e} > {tol:.3e} (cond {cond:.1f})"
 
@@ -366,31 +367,36 @@ def check_solve(u, denom, factor, c, cond, k):
 
 @pytest.mark.parametrize("batch", [None, 5], ids=["single", "batch5"])
 @pytest.mark.parametrize("k_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("factor_dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("inverse_dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("d", [1, 2, 13, 257, 576])
-def test_solve_keys(backend, g, d, factor_dtype, k_dtype, batch):
+def test_solve_keys(backend, g, d, inverse_dtype, k_dtype, batch):
     c, cond = make_spd(d, g)
-    factor = cholesky(c).to(factor_dtype)
+    inverse = inverse_of(c).to(inverse_dtype)
     k = randn(*(() if batch is None else (batch,)), d, g=g, dtype=k_dtype)
-    factor0, k0 = factor.clone(), k.clone()
+    inverse0, k0 = inverse.clone(), k.clone()
     dirty_heap(k.numel(), k.numel() // d)
-    u, denom = ops.solve_keys(factor, k)
-    check_solve(u, denom, factor, c, cond, k)
-    assert same_bits(factor, factor0) and same_bits(k, k0)
+    u, denom = ops.solve_keys(inverse, k)
+    check_solve(u, denom, inverse, c, cond, k)
+    assert same_bits(inverse, inverse0) and same_bits(k, k0)
 
 
 @pytest.mark.parametrize(
     "k_layout", ["strided_1d", "transposed_2d", "column_slice_2d", "row_strided_2d"]
 )
-@pytest.mark.parametrize("factor_layout", ["contiguous", "column_major"])
-def test_solve_keys_noncontiguous(backend, g, k_layout, factor_layout):
+@pytest.mark.parametrize("inverse_layout", ["contiguous", "column_major", "sliced"])
+def test_solve_keys_noncontiguous(backend, g, k_layout, inverse_layout):
     d, b = 37, 4
     c, cond = make_spd(d, g)
-    if factor_layout == "contiguous":
-        factor = cholesky(c)
+    if inverse_layout == "contiguous":
+        inverse = inverse_of(c)
+    elif inverse_layout == "column_major":
+        inverse = inverse_of(c).t().contiguous().t()
+        assert not inverse.is_contiguous()
     else:
-        factor = cholesky(c).t().contiguous().t()
-        assert not factor.is_contiguous()
+        big = torch.full((d + 3, d + 5), float("nan"), dtype=torch.float64)
+        big[2 : 2 + d, 1 : 1 + d] = inverse_of(c)
+        inverse = big[2 : 2 + d, 1 : 1 + d]
+        assert not inverse.is_contiguous() and not inverse.t().is_contiguous()
     if k_layout == "strided_1d":
         k = randn(3 * d, g=g)[::3]
     elif k_layout == "transposed_2d":
@@ -400,36 +406,31 @@ def test_solve_keys_noncontiguous(backend, g, k_layout, factor_layout):
     else:
         k = randn(2 * b, d, g=g)[::2]
     assert not k.is_contiguous() and k.shape[-1] == d
-    u, denom = ops.solve_keys(factor, k)
-    check_solve(u, denom, factor, c, cond, k)
+    u, denom = ops.solve_keys(inverse, k)
+    check_solve(u, denom, inverse, c, cond, k)
 
 
 def test_solve_keys_ill_conditioned(backend, g):
-    """A nearly singular C (cond ~1e6) still gets a fp64-accurate solve from an fp64 factor."""
+    """A nearly singular C (cond ~1e6) still gets an accurate solve from an fp64 inverse."""
     d = 257
     a = randn(d, d // 2, g=g, dtype=torch.float64)
     c = a @ a.t() / d + 1e-6 * torch.eye(d, dtype=torch.float64)
     cond = condition_number(c)
     assert cond > 1e5
     k = randn(3, d, g=g, dtype=torch.float64)
-    factor = cholesky(c)
-    u, denom = ops.solve_keys(factor, k)
-    check_solve(u, denom, factor, c, cond, k)
+    inverse = inverse_of(c)
+    u, denom = ops.solve_keys(inverse, k)
+    check_solve(u, denom, inverse, c, cond, k)
 
 
-def test_solve_keys_matches_independent_substitution(backend, g):
-    """A tiny case against hand-written forward/back substitution (checks the L vs Lᵀ roles)."""
-    L = torch.tensor([[2.0, 0.0, 0.0], [1.0, 3.0, 0.0], [-1.0, 0.5, 1.5]], dtype=torch.float64)
+def test_solve_keys_exact_small_case(backend):
+    """A tiny case by hand (checks rows against columns and the fused denominator)."""
+    a = torch.tensor([[2.0, -1.0, 0.5], [-1.0, 3.0, 0.25], [0.5, 0.25, 1.0]], dtype=torch.float64)
     k = torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)
-    y = torch.zeros(3, dtype=torch.float64)
-    for i in range(3):
-        y[i] = (k[i] - (L[i, :i] * y[:i]).sum()) / L[i, i]
-    want = torch.zeros(3, dtype=torch.float64)
-    for i in reversed(range(3)):
-        want[i] = (y[i] - (L[i + 1 :, i] * want[i + 1 :]).sum()) / L[i, i]
-    u, denom = ops.solve_keys(L, k)
-    torch.testing.assert_close(u, want, rtol=1e-14, atol=0)
-    torch.testing.assert_close(denom, (want * k).sum(), rtol=1e-14, atol=0)
+    want = torch.tensor([2.0 + 2.0 + 2.0, -1.0 - 6.0 + 1.0, 0.5 - 0.5 + 4.0], dtype=torch.float64)
+    u, denom = ops.solve_keys(a, k)
+    torch.testing.assert_close(u, want, rtol=0, atol=0)
+    torch.testing.assert_close(denom, (want * k).sum(), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,10 +679,10 @@ def _sma(acc=None, x=None, mask="absent", d=4, n=3):
     return ops.second_moment_accumulate, (acc, x, mask), {}
 
 
-def _solve(factor=None, k=None, d=4):
-    factor = torch.eye(d, dtype=torch.float64) if factor is None else factor
+def _solve(inverse=None, k=None, d=4):
+    inverse = torch.eye(d, dtype=torch.float64) if inverse is None else inverse
     k = torch.ones(d) if k is None else k
-    return ops.solve_keys, (factor, k), {}
+    return ops.solve_keys, (inverse, k), {}
 
 
 def _r1u(weight=None, u=None, lam=None, denom=1.0, min_denom=0.0, master=None):
@@ -716,20 +717,20 @@ BAD_ARGS = {
         "mask on meta",
     ),
     # solve_keys
-    "solve_factor_not_tensor": (lambda: _solve(factor=1.0), TypeError, "factor:"),
+    "solve_inverse_not_tensor": (lambda: _solve(inverse=1.0), TypeError, "inverse:"),
     "solve_k_not_tensor": (lambda: _solve(k=[1.0] * 4), TypeError, "k:"),
-    "solve_factor_not_square": (lambda: _solve(factor=torch.zeros(4, 3)), ValueError, "factor:"),
-    "solve_factor_3d": (lambda: _solve(factor=torch.zeros(1, 4, 4)), ValueError, "factor:"),
-    "solve_factor_fp16": (lambda: _solve(factor=torch.eye(4, dtype=torch.float16)), ValueError, "factor:"),
+    "solve_inverse_not_square": (lambda: _solve(inverse=torch.zeros(4, 3)), ValueError, "inverse:"),
+    "solve_inverse_3d": (lambda: _solve(inverse=torch.zeros(1, 4, 4)), ValueError, "inverse:"),
+    "solve_inverse_fp16": (lambda: _solve(inverse=torch.eye(4, dtype=torch.float16)), ValueError, "inverse:"),
     "solve_k_wrong_d": (lambda: _solve(k=torch.ones(5)), ValueError, "k:"),
     "solve_k_0d": (lambda: _solve(k=torch.tensor(1.0)), ValueError, "k:"),
     "solve_k_3d": (lambda: _solve(k=torch.ones(2, 2, 4)), ValueError, "k:"),
     "solve_k_int": (lambda: _solve(k=torch.ones(4, dtype=torch.int32)), ValueError, "k:"),
     "solve_k_other_device": (lambda: _solve(k=torch.ones(4, device=META)), ValueError, "k on meta"),
-    "solve_factor_other_device": (
-        lambda: _solve(factor=torch.eye(4, dtype=torch.float64, device=META)),
+    "solve_inverse_other_device": (
+        lambda: _solve(inverse=torch.eye(4, dtype=torch.float64, device=META)),
         ValueError,
-        "factor on meta",
+        "inverse on meta",
     ),
     # rank_one_update
     "r1u_weight_not_tensor": (lambda: _r1u(weight=[[0.0] * 5] * 3), TypeError, "weight:"),
@@ -964,7 +965,7 @@ def test_fake_tensors_on_meta_device():
 def _opcheck_cases(g):
     d = 6
     c, _ = make_spd(d, g)
-    L64 = cholesky(c)
+    inv64 = inverse_of(c)
     mask = torch.tensor([True, False, True, True, False])
     one, zero = torch.tensor(1.0), torch.tensor(0.0)
     one64, zero64 = one.double(), zero.double()
@@ -975,8 +976,8 @@ def _opcheck_cases(g):
             (random_symmetric(d, torch.float64, g), randn(5, d, g=g, dtype=torch.bfloat16), mask),
         ],
         "solve_keys": [
-            (L64, randn(d, g=g)),
-            (L64.float(), randn(3, d, g=g, dtype=torch.bfloat16)),
+            (inv64, randn(d, g=g)),
+            (inv64.float(), randn(3, d, g=g, dtype=torch.bfloat16)),
         ],
         "rank_one_update": [
             (w32, randn(d, g=g), randn(4, g=g), one, zero, None),
