@@ -1,0 +1,51 @@
+"""Render a benchmark JSON (pytest-benchmark + fastrome provenance) as markdown tables.
+
+    python benches/render.py benches/results/ops_cpu.json
+
+Rates: FLOP/s for the second moment (counted as the full 2·n·d² product, so a kernel that skips the
+lower triangle can exceed the GEMM ceiling's rate on that measure), bytes/s for the solve and the
+write, each also as a fraction of the ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    data = json.loads(open(path, encoding="utf-8").read())
+    meta = data.get("fastrome", {})
+    rows = [(b["extra_info"], b["stats"]["median"]) for b in data["benchmarks"]]
+    gemm = next((info["flop"] / t for info, t in rows if info["op"] == "ceiling" and "GEMM" in info["impl"]), None)
+    copy = next((info["bytes"] / t for info, t in rows if info["op"] == "ceiling" and info["impl"] == "copy"), None)
+    print(f"Device: {meta.get('device')} ({meta.get('threads')} threads), torch {meta.get('torch')}, "
+          f"fastrome {meta.get('version')} @ {meta.get('commit', '')[:10]}, {meta.get('date')}")
+    if gemm:
+        print(f"Ceilings measured in the same run: GEMM {gemm / 1e12:.3f} TFLOP/s, copy {copy / 1e9:.1f} GB/s\n")
+    groups = defaultdict(list)
+    for info, t in rows:
+        if info["op"] != "ceiling":
+            groups[(info["op"], tuple(info["shape"]), info.get("dtype", ""))].append((info, t))
+    for (op, shape, dtype), items in groups.items():
+        ref = next((t for info, t in items if info["impl"] == "reference"), None)
+        print(f"**{op}** shape {list(shape)} {dtype}\n")
+        print("| implementation | median ms | rate | of ceiling | vs reference |")
+        print("|---|---|---|---|---|")
+        for info, t in sorted(items, key=lambda it: it[1]):
+            if "flop" in info:
+                rate, ceil = info["flop"] / t, gemm
+                rate_s = f"{rate / 1e12:.3f} TFLOP/s"
+            else:
+                rate, ceil = info["bytes"] / t, copy
+                rate_s = f"{rate / 1e9:.1f} GB/s"
+            frac = f"{rate / ceil:.0%}" if ceil else "-"
+            vs = f"{ref / t:.2f}×" if ref else "-"
+            name = info["impl"] + (" (+fp32 master)" if info.get("master") else "")
+            print(f"| {name} | {t * 1e3:.3f} | {rate_s} | {frac} | {vs} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
