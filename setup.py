@@ -10,7 +10,7 @@ both present. Environment switches:
   impossible), never.
 - ``FASTROME_REQUIRE_EXT=1``: a failed compile fails the install (otherwise it warns and the
   package falls back to the reference ops).
-- ``FASTROME_CUDA_ARCH``: passed to ``TORCH_CUDA_ARCH_LIST`` (default ``9.0``).
+- ``FASTROME_CUDA_ARCH``: passed to ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0a``).
 - ``MAX_JOBS``: parallel compile jobs (ninja).
 """
 
@@ -66,13 +66,17 @@ def _extensions():
     cxx_flags = ["-O3", "-std=c++17"]
     macros = []
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTROME_CUDA_ARCH", "9.0"))
+        # Hopper (sm_90a) first, Ampere (sm_80) too; scripts/check_cuda_build.sh uses the same list.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTROME_CUDA_ARCH", "8.0;9.0a"))
         macros.append(("FASTROME_WITH_CUDA", "1"))
+        # No --use_fast_math: its flush-to-zero would zero denormal weights and vector entries that
+        # the reference keeps. -lineinfo maps profiler samples to source lines at no runtime cost.
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
         ext = cpp_extension.CUDAExtension(
             "fastrome._C",
             sources + cuda_sources,
             define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     else:
         ext = cpp_extension.CppExtension("fastrome._C", sources, define_macros=macros, extra_compile_args=cxx_flags)
