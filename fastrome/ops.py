@@ -46,6 +46,8 @@ class Backend:
     impls: Callable[[], Dict[str, Callable]]
     unavailable: Callable[[], Optional[str]]
     """Returns None when usable, else a sentence saying why not and how to get it."""
+    device_note: str = ""
+    """Said when the backend cannot take the tensors' device: how to make it able to."""
 
     def available(self) -> bool:
         return self.unavailable() is None
@@ -121,14 +123,25 @@ def _triton_impls() -> Dict[str, Callable]:
 
 
 def _triton_devices() -> Tuple[str, ...]:
-    return ("cuda", "cpu") if triton_interpreted() else ("cuda",)
+    # Triton fixes interpretation when a kernel is first imported, so both must hold: the
+    # variable is set and the loaded kernels really are interpreted.
+    if triton_interpreted() and _triton_unavailable() is None:
+        from fastrome import kernels
+
+        if kernels.interpreted():
+            return ("cuda", "cpu")
+    return ("cuda",)
 
 
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", lambda: ("*",), _reference_impls, lambda: None),
     "cpp": Backend("cpp", lambda: ("cpu",), _compiled_impls, _cpp_unavailable),
     "cuda": Backend("cuda", lambda: ("cuda",), _compiled_impls, _cuda_unavailable),
-    "triton": Backend("triton", _triton_devices, _triton_impls, _triton_unavailable),
+    "triton": Backend(
+        "triton", _triton_devices, _triton_impls, _triton_unavailable,
+        device_note="Triton kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter "
+        "(TRITON_INTERPRET=1 set before the kernels are first imported)",
+    ),
 }
 
 # Preference per (device type, op), fastest first, from the benchmarks in benches/ (README,
@@ -157,7 +170,8 @@ def _backend_serves(backend: Backend, op: str, device: torch.device) -> Optional
         return why
     types = backend.device_types()
     if "*" not in types and device.type not in types:
-        return f"it runs on {', '.join(types)} tensors, not {device.type}"
+        note = f" ({backend.device_note})" if backend.device_note else ""
+        return f"it runs on {', '.join(types)} tensors, not {device.type}{note}"
     if op not in backend.impls():
         return f"it does not implement {op}"
     return None
@@ -203,8 +217,13 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced[0] = previous
 
 
-def backend_table(devices: Sequence[str] = ("cpu", "cuda")) -> List[Dict[str, str]]:
-    """One row per (op, device): the backend that serves it now, and why others do not."""
+def backend_table(devices: Optional[Sequence[str]] = None) -> List[Dict[str, str]]:
+    """One row per (op, device): the backend that serves it now, and why others do not.
+
+    ``devices`` defaults to the CPU and, when one is present, CUDA.
+    """
+    if devices is None:
+        devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     rows = []
     for op in OPS:
         for dev in devices:

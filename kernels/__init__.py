@@ -26,3 +26,10 @@ def load() -> Dict[str, Callable]:
         "solve_keys": solve_keys,
         "rank_one_update": rank_one_update,
     }
+
+
+def interpreted() -> bool:
+    """Whether the loaded kernels run in Triton's CPU interpreter (fixed when they were imported)."""
+    from fastrome.kernels import second_moment
+
+    return bool(second_moment._INTERPRETED)
