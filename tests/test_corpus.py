@@ -1,7 +1,8 @@
 """Tests for fastrome.corpus: bundled corpus, local formats, determinism, ids and errors.
 
 Pure Python (no torch) and offline; the whole file runs in well under a second after the first
-decompression of the bundled corpus.
+decompression of the bundled corpus. Parquet tests need pyarrow (the ``test`` extra); Hugging Face
+sources are tested with a fake ``datasets`` module, so neither the package nor network is needed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ import lzma
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save as save_safetensors
 
 import fastrome
-from fastrome.corpus import BUNDLED_CORPUS_NAME, Corpus, open_corpus
+from fastrome.corpus import (
+    BUNDLED_CORPUS_NAME,
+    SUPPORTED_SUFFIXES,
+    TEXT_SUFFIXES,
+    TOKEN_SUFFIXES,
+    Corpus,
+    open_corpus,
+)
 
 DATA_DIR = Path(fastrome.__file__).resolve().parent / "data"
 BUNDLED_DOCS = 10_033
@@ -352,3 +363,389 @@ def test_bad_argument_types(tmp_path: Path) -> None:
         open_corpus(seed="0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="text_field"):
         open_corpus(text_field="")
+
+
+# ------------------------------------------------------------------------------------ parquet
+
+
+def _write_parquet(path: Path, columns: dict) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    # Null, empty and whitespace-only values are dropped (a null is a missing text, not an error).
+    p = _write_parquet(
+        tmp_path / "t.parquet",
+        {"text": ["alpha", "", None, " \n ", "beta\n\ngamma"], "title": ["A", "B", "C", "D", "E"]},
+    )
+    corpus = open_corpus(p, seed=None)
+    assert list(corpus.documents()) == ["alpha", "beta\n\ngamma"]  # a cell is one document, never split
+    assert len(corpus) == 2 and not corpus.pretokenized and corpus.max_token_id is None
+    assert corpus.id.startswith("file:t.parquet@") and corpus.id.endswith("#seed=none")
+    assert "#field" not in corpus.id and "#tokens" not in corpus.id
+
+    titles = open_corpus(p, seed=None, text_field="title")
+    assert list(titles.documents()) == ["A", "B", "C", "D", "E"]
+    assert "#field=title" in titles.id and titles.id != corpus.id
+
+    # Same bytes elsewhere: same id; other content: other id.
+    shutil.copyfile(p, tmp_path / "copy.parquet")
+    (tmp_path / "sub").mkdir()
+    shutil.copyfile(p, tmp_path / "sub" / "t.parquet")
+    assert open_corpus(tmp_path / "sub" / "t.parquet", seed=None).id == corpus.id
+    _write_parquet(p, {"text": ["alpha", "beta!"]})
+    assert open_corpus(p, seed=None).id != corpus.id
+
+
+def test_parquet_column_errors(tmp_path: Path) -> None:
+    p = _write_parquet(tmp_path / "cols.parquet", {"body": ["x"], "n": [1]})
+    with pytest.raises(ValueError, match=r"cols\.parquet: no column 'text' \(columns: 'body', 'n'\)"):
+        open_corpus(p)
+    with pytest.raises(ValueError, match=r"cols\.parquet: column 'n' has type int64, not string.*'body': string"):
+        open_corpus(p, text_field="n")
+    assert list(open_corpus(p, text_field="body").documents()) == ["x"]
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 but not really a parquet file")
+    with pytest.raises(ValueError, match=r"bad\.parquet: not a valid Parquet file"):
+        open_corpus(bad)
+
+
+def test_parquet_in_directory_with_other_text(tmp_path: Path) -> None:
+    root = tmp_path / "mixed_text"
+    root.mkdir()
+    (root / "a.txt").write_text("A1\n\nA2\n", encoding="utf-8")
+    _write_parquet(root / "b.parquet", {"text": ["B1", "B2"]})
+    _write_jsonl(root / "c.jsonl", [{"text": "C1"}])
+    corpus = open_corpus(root, seed=None)
+    assert list(corpus.documents()) == ["A1", "A2", "B1", "B2", "C1"]
+    assert "3 files" in corpus.description
+
+
+def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _write_parquet(tmp_path / "t.parquet", {"text": ["x"]})
+    # None in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"t\.parquet.*pip install pyarrow"):
+        open_corpus(p)
+    # Other formats do not need it.
+    (tmp_path / "x.txt").write_text("fine\n", encoding="utf-8")
+    assert len(open_corpus(tmp_path / "x.txt")) == 1
+
+
+# ------------------------------------------------------------------------------ token ids
+
+
+def _ids(corpus: Corpus) -> list:
+    return list(corpus.token_ids(_never_called))
+
+
+def _never_called(text: str) -> list:
+    raise AssertionError(f"encode must not be called on a pre-tokenized corpus (got {text!r})")
+
+
+def test_suffix_tuples() -> None:
+    assert SUPPORTED_SUFFIXES == TEXT_SUFFIXES + TOKEN_SUFFIXES
+    assert ".parquet" in TEXT_SUFFIXES and set(TOKEN_SUFFIXES) == {".npy", ".safetensors"}
+
+
+def test_npy_one_and_two_dimensional(tmp_path: Path) -> None:
+    one = tmp_path / "one.npy"
+    np.save(one, np.array([5, 3, 9, 1], dtype=np.int32))
+    corpus = open_corpus(one, seed=None)
+    assert corpus.pretokenized and len(corpus) == 1
+    docs = _ids(corpus)
+    assert docs == [[5, 3, 9, 1]]
+    # Plain Python ints, not numpy scalars (callers build tensors and JSON from them).
+    assert all(type(t) is int for t in docs[0]) and type(docs[0]) is list
+    assert corpus.max_token_id == 9 and type(corpus.max_token_id) is int
+    assert corpus.id.startswith("file:one.npy@") and corpus.id.endswith("#tokens#seed=none")
+    assert "4 tokens" in corpus.description and "pre-tokenized" in corpus.description
+
+    two = tmp_path / "two.npy"
+    np.save(two, np.array([[1, 2, 3], [4, 5, 6], [7, 8, 65535]], dtype=np.uint16))
+    corpus2 = open_corpus(two, seed=None)
+    assert len(corpus2) == 3
+    assert _ids(corpus2) == [[1, 2, 3], [4, 5, 6], [7, 8, 65535]]
+    assert corpus2.max_token_id == 65535
+    # token_ids restarts on each call, like documents().
+    assert _ids(corpus2) == _ids(corpus2)
+
+
+def test_safetensors_tensors_in_sorted_key_order(tmp_path: Path) -> None:
+    p = tmp_path / "toks.safetensors"
+    # Written in non-sorted order; "b" is 2-D (one document per row).
+    tensors = {
+        "c": np.array([30, 31], dtype=np.int64),
+        "a": np.array([10], dtype=np.int64),
+        "b": np.array([[20, 21, 22], [23, 24, 25]], dtype=np.int32),
+    }
+    p.write_bytes(save_safetensors(tensors))
+    corpus = open_corpus(p, seed=None)
+    assert _ids(corpus) == [[10], [20, 21, 22], [23, 24, 25], [30, 31]]
+    assert len(corpus) == 4 and corpus.max_token_id == 31
+    assert corpus.id.startswith("file:toks.safetensors@") and "#tokens" in corpus.id
+
+
+def test_token_corpus_seeded_order(tmp_path: Path) -> None:
+    p = tmp_path / "many.npy"
+    np.save(p, np.arange(400, dtype=np.int64).reshape(200, 2))
+    a, b, c = open_corpus(p, seed=7), open_corpus(p, seed=7), open_corpus(p, seed=8)
+    assert _ids(a) == _ids(b)
+    assert _ids(a) != _ids(c)
+    assert sorted(_ids(a)) == sorted(_ids(c)) == [[2 * i, 2 * i + 1] for i in range(200)]
+    assert _ids(open_corpus(p, seed=None)) == [[2 * i, 2 * i + 1] for i in range(200)]
+    assert a.id == b.id != c.id
+
+
+def test_token_ids_differ_from_text_and_follow_content(tmp_path: Path) -> None:
+    text = tmp_path / "c.txt"
+    text.write_text("1 2 3\n", encoding="utf-8")
+    toks = tmp_path / "c.npy"
+    np.save(toks, np.array([1, 2, 3]))
+    text_id, tok_id = open_corpus(text).id, open_corpus(toks).id
+    assert text_id != tok_id and "#tokens" in tok_id and "#tokens" not in text_id
+    # text_field does not apply to token ids and stays out of the id.
+    assert open_corpus(toks, text_field="body").id == tok_id
+
+    np.save(toks, np.array([1, 2, 4]))  # one token changed
+    assert open_corpus(toks).id != tok_id
+    np.save(toks, np.array([1, 2, 3]))
+    assert open_corpus(toks).id == tok_id
+
+
+def test_token_corpus_documents_raises(tmp_path: Path) -> None:
+    p = tmp_path / "t.npy"
+    np.save(p, np.array([1, 2]))
+    corpus = open_corpus(p)
+    with pytest.raises(ValueError, match="holds token ids, not text.*token_ids"):
+        corpus.documents()
+
+
+def test_token_arrays_are_read_only(tmp_path: Path) -> None:
+    p = tmp_path / "t.npy"
+    np.save(p, np.array([[1, 2], [3, 4]]))
+    corpus = open_corpus(p, seed=None)
+    with pytest.raises(ValueError, match="read-only"):
+        corpus._token_documents[0][0] = 99
+    # The lists handed out are fresh copies: changing one does not change the corpus.
+    first = _ids(corpus)
+    first[0][0] = 99
+    assert _ids(corpus)[0] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.array([1.0, 2.0]), r"dtype float64 is not an integer type"),
+        (np.array([True, False]), r"dtype bool is not an integer type"),
+        (np.array([3, -1, 2], dtype=np.int16), r"negative token id -1"),
+        (np.array(5), r"0-D array"),
+        (np.zeros((2, 2, 2), dtype=np.int64), r"3-D array of shape \(2, 2, 2\)"),
+    ],
+)
+def test_bad_token_arrays_npy(tmp_path: Path, array: np.ndarray, message: str) -> None:
+    p = tmp_path / "bad.npy"
+    np.save(p, array)
+    with pytest.raises(ValueError, match=r"bad\.npy: " + message):
+        open_corpus(p)
+
+
+def test_bad_token_arrays_safetensors_name_the_tensor(tmp_path: Path) -> None:
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(save_safetensors({"good": np.array([1, 2]), "weights": np.array([0.5], dtype=np.float32)}))
+    with pytest.raises(ValueError, match=r"bad\.safetensors: tensor 'weights': dtype float32 is not an integer"):
+        open_corpus(p)
+    p.write_bytes(save_safetensors({"neg": np.array([[1, -7]], dtype=np.int32)}))
+    with pytest.raises(ValueError, match=r"tensor 'neg': negative token id -7"):
+        open_corpus(p)
+    p.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"bad\.safetensors: not a readable safetensors file"):
+        open_corpus(p)
+
+
+def test_npy_refuses_pickles(tmp_path: Path) -> None:
+    p = tmp_path / "obj.npy"
+    np.save(p, np.array([1, "two"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj\.npy: not a valid \.npy file"):
+        open_corpus(p)
+
+
+def test_empty_token_documents_dropped(tmp_path: Path) -> None:
+    p = tmp_path / "t.safetensors"
+    p.write_bytes(save_safetensors({"a": np.array([], dtype=np.int64), "b": np.array([4, 2], dtype=np.int64)}))
+    assert _ids(open_corpus(p, seed=None)) == [[4, 2]]
+    q = tmp_path / "empty.npy"
+    np.save(q, np.zeros((3, 0), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"empty\.npy.*no documents \(only empty token arrays\)"):
+        open_corpus(q)
+
+
+def test_token_directory_and_mixing(tmp_path: Path) -> None:
+    root = tmp_path / "toks"
+    (root / "sub").mkdir(parents=True)
+    np.save(root / "a.npy", np.array([1, 2, 3]))
+    (root / "sub" / "b.safetensors").write_bytes(save_safetensors({"x": np.array([[4, 5], [6, 7]])}))
+    corpus = open_corpus(root, seed=None)
+    assert _ids(corpus) == [[1, 2, 3], [4, 5], [6, 7]]
+    assert corpus.pretokenized and corpus.id.startswith("file:toks@") and "#tokens" in corpus.id
+    assert "2 files" in corpus.description
+
+    (root / "notes.txt").write_text("some text\n", encoding="utf-8")
+    mixed = r"mixes text files \(e\.g\. 'notes\.txt'\) and token-id files \(e\.g\. 'a\.npy'\).*all text or all"
+    with pytest.raises(ValueError, match=mixed):
+        open_corpus(root)
+
+
+def test_token_ids_of_text_corpus_calls_encode_in_order(tmp_path: Path) -> None:
+    p = tmp_path / "t.txt"
+    p.write_text("\n\n".join(f"doc {i}" for i in range(20)), encoding="utf-8")
+    corpus = open_corpus(p, seed=3)
+    calls: list = []
+
+    def encode(text: str) -> list:
+        calls.append(text)
+        return [len(calls), int(text.split()[1])]
+
+    stream = corpus.token_ids(encode)
+    assert calls == []  # lazy: nothing is tokenized before it is asked for
+    assert next(stream) == [1, int(next(corpus.documents()).split()[1])]
+    rest = list(stream)
+    assert calls == list(corpus.documents())  # once per document, in corpus (shuffled) order
+    assert calls != sorted(calls, key=lambda t: int(t.split()[1]))  # seed 3 really shuffled
+    assert [ids[0] for ids in rest] == list(range(2, 21))
+    assert corpus.max_token_id is None and not corpus.pretokenized
+    with pytest.raises(TypeError, match="encode must be callable"):
+        corpus.token_ids(None)  # type: ignore[arg-type]
+
+
+def test_corpus_constructor_kinds() -> None:
+    text = Corpus(id="t", description="t", _documents=("a", "b"))
+    assert len(text) == 2 and not text.pretokenized
+    toks = Corpus(id="k", description="k", _token_documents=(np.array([3, 1]), np.array([2])))
+    assert len(toks) == 2 and toks.pretokenized and toks.max_token_id == 3
+    assert list(toks.token_ids(_never_called)) == [[3, 1], [2]]
+    with pytest.raises(ValueError, match="one kind"):
+        Corpus(id="both", description="", _documents=("a",), _token_documents=(np.array([1]),))
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class _FakeDataset:
+    """The part of ``datasets.Dataset`` that open_corpus uses: column_names and column access."""
+
+    def __init__(self, rows: list) -> None:
+        self._rows = rows
+        self.column_names = list(rows[0]) if rows else []
+
+    def __getitem__(self, key: str) -> list:
+        if not isinstance(key, str) or key not in self.column_names:
+            raise KeyError(key)
+        return [row[key] for row in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+@pytest.fixture()
+def fake_datasets(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    """Install a fake ``datasets`` module; ``state.rows`` is what the next load returns."""
+    state = types.SimpleNamespace(
+        calls=[],
+        rows=[{"text": "first", "id": 1}, {"text": "", "id": 2}, {"text": None, "id": 3}, {"text": "second", "id": 4}],
+        error=None,
+    )
+
+    def load_dataset(path: str, name: object = None, *, split: object = None) -> _FakeDataset:
+        state.calls.append((path, name, split))
+        if state.error is not None:
+            raise state.error
+        return _FakeDataset(state.rows)
+
+    module = types.ModuleType("datasets")
+    module.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    return state
+
+
+def test_hf_dataset(fake_datasets: types.SimpleNamespace) -> None:
+    corpus = open_corpus("hf:wikitext/wikitext-103-raw-v1:train", seed=None)
+    assert fake_datasets.calls == [("wikitext", "wikitext-103-raw-v1", "train")]
+    assert list(corpus.documents()) == ["first", "second"]  # empty and null rows dropped
+    assert corpus.id.startswith("hf:wikitext/wikitext-103-raw-v1:train@") and corpus.id.endswith("#seed=none")
+    assert not corpus.pretokenized and len(corpus) == 2
+
+    # The digest is over the text read: same text, same id; changed text, changed id.
+    assert open_corpus("hf:wikitext/wikitext-103-raw-v1:train", seed=None).id == corpus.id
+    fake_datasets.rows = [{"text": "first", "id": 1}, {"text": "second!", "id": 4}]
+    assert open_corpus("hf:wikitext/wikitext-103-raw-v1:train", seed=None).id != corpus.id
+    # Seeds shuffle and enter the id.
+    fake_datasets.rows = [{"text": f"doc {i}", "id": i} for i in range(50)]
+    s1, s1b, s2 = (open_corpus("hf:wikitext", seed=s) for s in (1, 1, 2))
+    assert list(s1.documents()) == list(s1b.documents()) != list(s2.documents())
+    assert s1.id.endswith("#seed=1") and s2.id.endswith("#seed=2")
+
+
+@pytest.mark.parametrize(
+    ("source", "call", "id_prefix"),
+    [
+        ("hf:wikitext", ("wikitext", None, "train"), "hf:wikitext:train@"),
+        ("hf:wikitext/raw", ("wikitext", "raw", "train"), "hf:wikitext/raw:train@"),
+        ("hf:wikitext:validation", ("wikitext", None, "validation"), "hf:wikitext:validation@"),
+        ("hf:owner/name/cfg:test", ("owner/name", "cfg", "test"), "hf:owner/name/cfg:test@"),
+        ("hf:owner/name/", ("owner/name", None, "train"), "hf:owner/name/:train@"),
+        ("hf:wikitext/raw:train[:10]", ("wikitext", "raw", "train[:10]"), "hf:wikitext/raw:train[:10]@"),
+    ],
+)
+def test_hf_source_syntax(fake_datasets: types.SimpleNamespace, source: str, call: tuple, id_prefix: str) -> None:
+    corpus = open_corpus(source)
+    assert fake_datasets.calls == [call]
+    assert corpus.id.startswith(id_prefix)
+
+
+@pytest.mark.parametrize("source", ["hf:", "hf:name:", "hf:a/b/c/d", "hf:/cfg", "hf:name/"])
+def test_hf_bad_source_syntax(fake_datasets: types.SimpleNamespace, source: str) -> None:
+    with pytest.raises(ValueError, match="source="):
+        open_corpus(source)
+    assert fake_datasets.calls == []
+
+
+def test_hf_text_field_and_column_errors(fake_datasets: types.SimpleNamespace) -> None:
+    fake_datasets.rows = [{"body": "b1", "text": "t1", "n": 1}, {"body": "b2", "text": "t2", "n": 2}]
+    plain, body = open_corpus("hf:x", seed=None), open_corpus("hf:x", seed=None, text_field="body")
+    assert list(body.documents()) == ["b1", "b2"]
+    assert "#field=body" in body.id and body.id != plain.id
+    with pytest.raises(ValueError, match=r"source='hf:x': no column 'title' \(columns: 'body', 'text', 'n'\)"):
+        open_corpus("hf:x", text_field="title")
+    with pytest.raises(ValueError, match=r"row 0: field 'n' is int, not a string"):
+        open_corpus("hf:x", text_field="n")
+    fake_datasets.rows = [{"text": " "}]
+    with pytest.raises(ValueError, match="no documents"):
+        open_corpus("hf:x")
+
+
+def test_hf_load_failure(fake_datasets: types.SimpleNamespace) -> None:
+    fake_datasets.error = ConnectionError("Couldn't reach the Hub")
+    expected = r"source='hf:wikitext/raw:train'.*ConnectionError: Couldn't reach the Hub"
+    with pytest.raises(ValueError, match=expected) as info:
+        open_corpus("hf:wikitext/raw:train")
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_hf_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"source='hf:wikitext'.*pip install datasets"):
+        open_corpus("hf:wikitext")
+
+
+def test_hf_prefix_only_for_str(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PathLike is always a local path, even when its name starts with "hf:".
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    p = tmp_path / "hf:local.txt"
+    p.write_text("local\n", encoding="utf-8")
+    assert list(open_corpus(p).documents()) == ["local"]
