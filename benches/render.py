@@ -22,11 +22,14 @@ def main(path: str) -> None:
     copy = next((info["bytes"] / t for info, t in rows if info["op"] == "ceiling" and info["impl"] == "copy"), None)
     print(f"Device: {meta.get('device')} ({meta.get('threads')} threads), torch {meta.get('torch')}, "
           f"fastrome {meta.get('version')} @ {meta.get('commit', '')[:10]}, {meta.get('date')}")
-    if gemm:
+    if gemm and copy:
         print(f"Ceilings measured in the same run: GEMM {gemm / 1e12:.3f} TFLOP/s, copy {copy / 1e9:.1f} GB/s\n")
+    stats = [(info, t) for info, t in rows if info["op"] == "stats"]
+    if stats:
+        render_stats(stats)
     groups = defaultdict(list)
     for info, t in rows:
-        if info["op"] != "ceiling":
+        if info["op"] not in ("ceiling", "stats"):
             groups[(info["op"], tuple(info["shape"]), info.get("dtype", ""))].append((info, t))
     for (op, shape, dtype), items in groups.items():
         ref = next((t for info, t in items if info["impl"] == "reference"), None)
@@ -44,6 +47,26 @@ def main(path: str) -> None:
             vs = f"{ref / t:.2f}×" if ref else "-"
             name = info["impl"] + (" (+fp32 master)" if info.get("master") else "")
             print(f"| {name} | {t * 1e3:.3f} | {rate_s} | {frac} | {vs} |")
+        print()
+
+
+def render_stats(rows) -> None:
+    """Statistics passes: tokens per second (every layer's statistics over the same tokens) and the
+    ratio to the published procedure measured in the same run."""
+    by_layers = defaultdict(list)
+    for info, t in rows:
+        by_layers[tuple(info["layers"])].append((info, t))
+    for layers, items in by_layers.items():
+        info0 = items[0][0]
+        ref = next((t for info, t in items if info["impl"].startswith("reference")), None)
+        print(f"**statistics pass**, {info0['model']}, layers {list(layers)}, {info0['tokens']:,} tokens\n")
+        print("| implementation | median s | tokens/s | vs reference |")
+        print("|---|---|---|---|")
+        for info, t in sorted(items, key=lambda it: it[1]):
+            vs = f"{ref / t:.2f}×" if ref else "-"
+            print(f"| {info['impl']} | {t:.2f} | {info['tokens'] / t:,.0f} | {vs} |")
+            if 5 in layers and len(layers) == 1 and not info["impl"].startswith("reference"):
+                print(f"|  ↳ projected for 44M tokens | {44e6 / info['tokens'] * t / 60:.1f} min | | |")
         print()
 
 

@@ -49,6 +49,7 @@ class EditConfig:
     stats_max_len: int = 1024
     stats_dtype: str = "float64"
     stats_batch_tokens: int = 8192
+    stats_packing: str = "truncate"
     ridge: float = 1e-6
     # guards
     policy: str = "raise"
@@ -85,6 +86,8 @@ class EditConfig:
             raise bad("stats_max_len", "an int >= 2")
         if self.stats_dtype not in ("float32", "float64"):
             raise bad("stats_dtype", "'float32' or 'float64'")
+        if self.stats_packing not in ("truncate", "pack"):
+            raise bad("stats_packing", "'truncate' or 'pack'")
         try:
             lengths = [(int(n), int(c)) for n, c in self.template_lengths]
         except (TypeError, ValueError):

@@ -22,12 +22,13 @@ from fastrome.cache import cache_dir as resolve_cache_dir
 from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
+from fastrome.interop import load_rome_npz
 from fastrome.keys import capture_at
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
-from fastrome.stats import SecondMoment, layer_fingerprint, load_or_compute
+from fastrome.stats import SecondMoment, is_statistics_file, layer_fingerprint, load_or_compute
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
 from fastrome.values import frozen, optimize_value
@@ -67,7 +68,8 @@ class Editor:
         stats: key statistics for the solve ``u = C⁻¹k``:
             ``None`` (default): computed from the bundled Wikipedia corpus and cached on disk;
             a path to a ``.txt``/``.jsonl`` file or folder: computed from that corpus and cached;
-            a ``.safetensors`` file written by ``fastrome stats``; a :class:`SecondMoment`;
+            a ``.safetensors`` file written by ``fastrome stats``; a ROME / EasyEdit ``.npz``
+            second moment (``mom2`` and ``count``; the model cannot be verified); a :class:`SecondMoment`;
             a (d, d) tensor ``C``; a :class:`CovarianceSolver`; ``"identity"`` to opt out
             (``C = I``, warned about and recorded in every report); or a ``{layer: ...}`` mapping.
         config: an :class:`EditConfig`; keyword ``overrides`` (``layer=``, ``mode=``, ``policy=``,
@@ -140,7 +142,10 @@ class Editor:
     def stats_source(self, layer: Optional[int] = None) -> str:
         layer = self.layer if layer is None else layer
         self._ensure_solvers([layer])
-        return self._stats_source[layer]
+        solver = self._solvers[layer]
+        if solver.identity:
+            return self._stats_source[layer]
+        return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}"
 
     def _ensure_solvers(self, layers: Iterable[int]) -> None:
         missing = sorted({int(layer) for layer in layers} - set(self._solvers))
@@ -168,7 +173,8 @@ class Editor:
             found = load_or_compute(
                 self.adapter, self.tokenizer, layers, corpus=source, tokens=cfg.stats_tokens,
                 max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
-                batch_tokens=cfg.stats_batch_tokens, cache_root=self.cache_root, progress=self.progress,
+                batch_tokens=cfg.stats_batch_tokens, packing=cfg.stats_packing, cache_root=self.cache_root,
+                progress=self.progress,
             )
             for layer, sm in found.items():
                 self._solvers[layer] = self._solver_from_moment(layer, sm)
@@ -197,6 +203,10 @@ class Editor:
                 raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
             ridge = self.config.ridge * float(spec.diagonal().abs().mean())
             return CovarianceSolver(spec, ridge=ridge, device=device), "user-supplied C"
+        if isinstance(spec, (str, os.PathLike)) and _statistics_file_kind(str(spec)) == "rome-npz":
+            sm = load_rome_npz(spec, layer=layer)
+            sm.check(layer=layer, dim=d, model_fingerprint=None, source=str(spec))
+            return self._solver_from_moment(layer, sm.to_device(device)), f"{sm.describe()} ({spec}, unverified model)"
         if isinstance(spec, (str, os.PathLike)):
             sm = SecondMoment.load(spec)
             sm.check(layer=layer, dim=d, model_fingerprint=layer_fingerprint(self.adapter, layer), source=str(spec))
@@ -263,7 +273,7 @@ class Editor:
                 rec = EditRecord(
                     index=len(self.history), case_id=req.case_id, prompt=req.text, subject=req.subject,
                     target_new=req.target_new, layer=layer, mode=self.config.mode,
-                    stats=self._stats_source.get(layer, ""),
+                    stats=self.stats_source(layer),
                 )
                 if i == 0:
                     rec.seconds["stats"] = stats_seconds
@@ -354,8 +364,18 @@ def _is_corpus_spec(spec: Any) -> bool:
             return False
         if s.lower() in BUNDLED_WORDS:
             return True
-        return not s.endswith(".safetensors")
+        return _statistics_file_kind(s) is None
     return False
+
+
+def _statistics_file_kind(path: str) -> Optional[str]:
+    """``"fastrome"`` or ``"rome-npz"`` when ``path`` is a statistics file, None otherwise (a
+    ``.safetensors`` file of token ids is a corpus)."""
+    if path.lower().endswith(".npz"):
+        return "rome-npz"
+    if path.lower().endswith(".safetensors"):
+        return "fastrome" if is_statistics_file(path) else None
+    return None
 
 
 def _check_stats_arg(stats: Any) -> None:
