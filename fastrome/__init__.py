@@ -11,6 +11,7 @@ import torch  # noqa: F401  (the compiled extension needs torch's libraries load
 
 from fastrome import ops
 from fastrome.config import EditConfig
+from fastrome.corpus import open_corpus
 from fastrome.editor import Editor, edit
 from fastrome.guards import EditRefused
 from fastrome.models import greedy_complete, load_model
@@ -33,5 +34,6 @@ __all__ = [
     "edit",
     "greedy_complete",
     "load_model",
+    "open_corpus",
     "ops",
 ]
