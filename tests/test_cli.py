@@ -11,12 +11,8 @@ from fastrome.cli import main
 
 
 @pytest.fixture
-def model_dir(make_tiny, tmp_path):
-    model, tok = make_tiny("llama-sentencepiece")
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+def model_dir(saved_tiny_llama):
+    return saved_tiny_llama
 
 
 def run(capsys, *argv):

@@ -203,12 +203,8 @@ def test_load_or_compute_resumes_from_its_cache_checkpoint(make_tiny, corpus_fil
 
 
 @pytest.fixture
-def saved_model(make_tiny, tmp_path):
-    model, tok = make_tiny("llama-sentencepiece")
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+def saved_model(saved_tiny_llama):
+    return saved_tiny_llama
 
 
 def _python(script: str, *args: str, env=None) -> subprocess.CompletedProcess:
