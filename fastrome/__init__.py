@@ -14,6 +14,7 @@ from fastrome.config import EditConfig
 from fastrome.corpus import open_corpus
 from fastrome.editor import Editor, edit
 from fastrome.guards import EditRefused
+from fastrome.journal import Journal, load_edits
 from fastrome.models import greedy_complete, load_model
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest
@@ -29,10 +30,12 @@ __all__ = [
     "EditRefused",
     "EditReport",
     "EditRequest",
+    "Journal",
     "Editor",
     "SecondMoment",
     "edit",
     "greedy_complete",
+    "load_edits",
     "load_model",
     "open_corpus",
     "ops",

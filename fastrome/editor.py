@@ -23,6 +23,7 @@ from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
 from fastrome.interop import load_rome_npz
+from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
 from fastrome.keys import capture_at
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
@@ -77,6 +78,10 @@ class Editor:
         module_template: path of the edited module with ``{}`` for the layer (discovered if None).
         cache_dir: cache root (default ``$FASTROME_CACHE`` or ``~/.cache/fastrome``); False: no disk cache.
         progress: progress bars (default: when stderr is a terminal).
+        journal: folder of an on-disk :class:`~fastrome.journal.Journal`. Every applied edit is
+            recorded there as it happens; if the folder already holds edits (a run that was
+            interrupted), they are replayed onto ``model`` — which must be the unedited base model —
+            bit for bit, and editing continues after them. Without it the journal is kept in memory.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class Editor:
         module_template: Optional[str] = None,
         cache_dir: Union[str, "os.PathLike[str]", None, bool] = None,
         progress: Optional[bool] = None,
+        journal: Union[str, "os.PathLike[str]", None] = None,
         **overrides: Any,
     ):
         self.adapter = ModelAdapter(model, module_template)
@@ -113,6 +119,10 @@ class Editor:
         self._templates: Optional[List[str]] = None
         self.history: List[EditRecord] = []
         self.last: Optional[EditArtifacts] = None
+        self._base: Dict[int, Tensor] = {}
+        self.journal = Journal(journal)
+        if len(self.journal):
+            self._resume()
 
     # -- shared state ---------------------------------------------------------------------------
     @property
@@ -125,12 +135,16 @@ class Editor:
 
     def templates(self) -> List[str]:
         """The context templates (sampled from the model on first use, then cached)."""
+        if self._templates is None and self.journal.templates is not None:
+            # a resumed run keeps the templates it started with (sampled from the unedited model)
+            self._templates = list(self.journal.templates)
         if self._templates is None:
             model_fp = fingerprint(self.adapter.config, self.model.named_parameters())
             self._templates = load_or_generate(
                 self.model, self.tokenizer, model_fp, self.config.template_lengths,
                 self.config.template_seed, self.cache_root,
             )
+            self.journal.note_templates(self._templates)
         return self._templates
 
     def solver(self, layer: Optional[int] = None) -> CovarianceSolver:
@@ -313,6 +327,7 @@ class Editor:
             rec.target_prob = vr.final_target_prob
 
             t0 = _now()
+            self._remember_base(layer)
             weight32, _ = self._weight32(layer)
             plan = update.plan(
                 cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star
@@ -343,10 +358,96 @@ class Editor:
             else:
                 rec.status = "refused"
             rec.seconds["write"] = _now() - t0
+            if rec.applied:
+                rec.edit_id = self.journal.next_id
+                self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict()))
             self.last = EditArtifacts(
                 layer=layer, mode=cfg.mode, k_mean=k_mean, k_plain=k_plain, v_init=vr.v_init, v_star=vr.v_star,
                 u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
             )
+
+    # -- journal, undo, export ------------------------------------------------------------------
+    def _remember_base(self, layer: int) -> None:
+        """Keep ``layer``'s weight from before its first edit: undo and replay start from it."""
+        if layer in self._base:
+            return
+        weight = self.adapter.weight(layer)
+        self._base[layer] = weight.detach().clone()
+        self.journal.note_base(layer, weight_digest(weight))
+
+    def _rebuild(self, layers: Iterable[int]) -> None:
+        """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
+        the original writes, through a fresh fp32 master for half-precision weights)."""
+        for layer in sorted(set(layers)):
+            weight, base = self.adapter.weight(layer), self._base[layer]
+            master = None if base.dtype in (torch.float32, torch.float64) else base.float()
+            total = 0.0
+            with torch.no_grad():
+                weight.copy_(base)
+                for e in self.journal:
+                    if e.layer == layer:
+                        apply_factors(weight, e.u, e.lam, master)
+                        total += float(e.record.get("update_ratio") or 0.0)
+            if master is not None:
+                self._masters[layer] = master
+            else:
+                self._masters.pop(layer, None)
+            self._total_ratio[layer] = total
+
+    def _resume(self) -> None:
+        layers = sorted({e.layer for e in self.journal})
+        for layer in layers:
+            self.adapter.check_layer(layer, f"journal layer {layer}")
+        check_base(self.adapter, self.journal.base_digests, f"journal {self.journal.path}")
+        for layer in layers:
+            self._base[layer] = self.adapter.weight(layer).detach().clone()
+        self._rebuild(layers)
+
+    def done_case_ids(self) -> List[Any]:
+        """``case_id`` of every edit in the journal, in order (to skip them when resuming a run)."""
+        return [e.request.get("case_id") for e in self.journal]
+
+    def undo(self, edit_ids: Union[int, Iterable[int]]) -> List[JournalEntry]:
+        """Remove edits by id: each touched layer is rebuilt from its base weight and the remaining
+        edits, so the weights equal those of a run in which these edits' factors were never added.
+
+        Raises:
+            ValueError: an id that is not in the journal (nothing is changed then).
+        """
+        ids = [edit_ids] if isinstance(edit_ids, int) else [int(i) for i in edit_ids]
+        known = {e.edit_id for e in self.journal}
+        unknown = sorted(set(ids) - known)
+        if unknown:
+            raise ValueError(f"edit_ids: {unknown} not in the journal (ids {sorted(known)[:10]}...)")
+        removed = self.journal.remove(ids)
+        self._rebuild(e.layer for e in removed)
+        gone = set(ids)
+        for rec in self.history:
+            if rec.edit_id in gone:
+                rec.status = "undone"
+        return removed
+
+    def undo_last(self, n: int = 1) -> List[JournalEntry]:
+        """Undo the last ``n`` edits; the weights are bit-for-bit those from before them."""
+        if not isinstance(n, int) or n < 0 or n > len(self.journal):
+            raise ValueError(f"n: expected 0..{len(self.journal)} (edits in the journal), got {n!r}")
+        return self.undo([e.edit_id for e in self.journal.entries[len(self.journal) - n:]]) if n else []
+
+    def save_edits(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write every applied edit's factors (safetensors + JSON; kilobytes per edit). Re-apply them
+        to the base model with :func:`fastrome.load_edits`."""
+        return save_edits(self.journal, self.journal.base_digests, path, self.adapter.model_type)
+
+    def export(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write the edited model (``save_pretrained``, safetensors), its tokenizer, and the edits
+        (``edits.safetensors``) to the folder ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+        self.save_edits(path / "edits.safetensors")
+        return path
 
 
 def _stderr_is_tty() -> bool:

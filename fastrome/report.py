@@ -14,8 +14,8 @@ PHASES = ("stats", "templates", "keys", "values", "solve", "write")
 class EditRecord:
     """One edit.
 
-    ``status`` is ``applied``, ``forced`` (applied under ``policy='force'`` despite a guard) or
-    ``refused`` (nothing written; ``reasons`` says why). ``seconds`` holds the time per phase;
+    ``status`` is ``applied``, ``forced`` (applied under ``policy='force'`` despite a guard),
+    ``refused`` (nothing written; ``reasons`` says why) or ``undone``. ``seconds`` holds the time per phase;
     ``stats`` and ``templates`` are one-time costs charged to the edit that triggered them.
     """
 
@@ -42,6 +42,7 @@ class EditRecord:
     early_stopped: bool = False
     stats: str = ""
     seconds: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    edit_id: Optional[int] = None  # id in the editor's journal once applied
 
     @property
     def applied(self) -> bool:

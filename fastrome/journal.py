@@ -1,0 +1,289 @@
+"""The journal: every applied edit as its rank-one factors, so nothing is ever lost.
+
+An edit changes one weight by ``Λuᵀ``. Keeping ``(u, Λ)`` per edit (kilobytes) plus a copy of each
+edited layer's weight from before its first edit is enough to undo any edit, to replay a run onto a
+fresh copy of the base model, and to resume a killed run: replaying the factors in order with the
+same write kernel reproduces the edited weights bit for bit.
+
+On disk a journal is a folder::
+
+    journal.json          format, the digest of each edited layer's base weight, the context templates
+    edits.jsonl           one JSON line per applied edit (id, layer, request, metrics, factor file)
+    factors/000042.safetensors   u (d_in,) and lam (d_out,) in fp32
+
+An edit is recorded by writing its factor file atomically and then appending its line (flushed and
+fsynced), so a crash leaves either a complete entry or none; a torn last line is dropped on open.
+:func:`save_edits` / :func:`load_edits` use a single safetensors file with the same content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from fastrome import ops
+from fastrome.adapter import ModelAdapter
+from fastrome.cache import write_json, write_safetensors
+
+FORMAT = "fastrome.journal.v1"
+EDITS_FORMAT = "fastrome.edits.v1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class JournalEntry:
+    """One applied edit.
+
+    Attributes:
+        edit_id: position in the sequence of edits ever applied by the editor (not reused).
+        layer: edited layer.
+        u: (d_in,) float32 left vector, on the CPU.
+        lam: (d_out,) float32 right vector Λ, on the CPU.
+        request: the request as a dict (``EditRequest.to_dict()``).
+        record: the edit's metrics (``EditRecord.to_dict()``).
+    """
+
+    edit_id: int
+    layer: int
+    u: Tensor
+    lam: Tensor
+    request: Dict[str, Any] = field(default_factory=dict)
+    record: Dict[str, Any] = field(default_factory=dict)
+
+    def header(self) -> Dict[str, Any]:
+        return {"edit_id": self.edit_id, "layer": self.layer, "request": self.request, "record": self.record}
+
+
+def weight_digest(weight: Tensor) -> str:
+    """sha256 (16 hex) of a weight's exact bytes, to tell whether a base model is the right one."""
+    t = weight.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def apply_factors(weight: Tensor, u: Tensor, lam: Tensor, master: Optional[Tensor]) -> None:
+    """``weight += lam ⊗ u`` (through ``master``) with the same kernel an edit writes with, so a
+    replay is bit-identical to the original sequence of writes."""
+    applied = ops.rank_one_update(
+        weight, u.to(weight.device, torch.float32), lam.to(weight.device, torch.float32),
+        denom=1.0, min_denom=0.0, master=master,
+    )
+    if not bool(applied):
+        raise ValueError("journal: a stored factor is not finite; the journal is damaged")
+
+
+class Journal:
+    """The applied edits, in order, kept in memory and (with ``path``) in a folder on disk.
+
+    Args:
+        path: folder of an on-disk journal (created if missing; an existing one is read).
+    """
+
+    def __init__(self, path: Optional[PathLike] = None):
+        self.path = Path(path) if path is not None else None
+        self.entries: List[JournalEntry] = []
+        self.base_digests: Dict[int, str] = {}
+        self._next_id = 0  # ids of undone edits are never handed out again
+        self.templates: Optional[List[str]] = None  # the context templates of the run
+        if self.path is not None:
+            self._open()
+
+    # -- disk ------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        assert self.path is not None
+        head = self.path / "journal.json"
+        if not head.is_file():
+            (self.path / "factors").mkdir(parents=True, exist_ok=True)
+            self._write_head()
+            return
+        try:
+            meta = json.loads(head.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"journal: {head} is not valid JSON ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"journal: {head} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        self.base_digests = {int(k): str(v) for k, v in meta.get("base_digests", {}).items()}
+        self._next_id = int(meta.get("next_id", 0))
+        self.templates = meta.get("templates")
+        lines_path = self.path / "edits.jsonl"
+        text = lines_path.read_text(encoding="utf-8") if lines_path.is_file() else ""
+        # Every record ends with a newline; a trailing piece without one is a write cut short.
+        *complete, torn = text.split("\n")
+        for n, line in enumerate(complete, start=1):
+            if not line.strip():
+                continue
+            try:
+                self.entries.append(self._read_entry(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"journal: {lines_path} line {n} is damaged ({exc})") from None
+        if torn:
+            warnings.warn(f"journal: dropping the unfinished last line of {lines_path}", stacklevel=3)
+            self._rewrite_lines()  # leave a clean file to append to
+
+    def _factor_file(self, edit_id: int) -> Path:
+        assert self.path is not None
+        return self.path / "factors" / f"{edit_id:06d}.safetensors"
+
+    def _read_entry(self, head: Dict[str, Any]) -> JournalEntry:
+        edit_id = int(head["edit_id"])
+        path = self._factor_file(edit_id)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                u, lam = f.get_tensor("u"), f.get_tensor("lam")
+        except Exception as exc:
+            raise ValueError(f"journal: edit {edit_id}'s factors {path} cannot be read ({exc})") from None
+        return JournalEntry(edit_id, int(head["layer"]), u, lam, head.get("request", {}), head.get("record", {}))
+
+    def _write_head(self) -> None:
+        assert self.path is not None
+        write_json(self.path / "journal.json", {
+            "format": FORMAT, "base_digests": {str(k): v for k, v in sorted(self.base_digests.items())},
+            "next_id": self.next_id,
+            "templates": self.templates,
+        })
+
+    def _rewrite_lines(self) -> None:
+        assert self.path is not None
+        text = "".join(json.dumps(e.header(), sort_keys=True) + "\n" for e in self.entries)
+        tmp = self.path / ".edits.jsonl.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path / "edits.jsonl")
+
+    # -- recording -------------------------------------------------------------------------------
+    def note_base(self, layer: int, digest: str) -> None:
+        """Record the digest of ``layer``'s weight before its first edit."""
+        if self.base_digests.get(layer) == digest:
+            return
+        self.base_digests[layer] = digest
+        if self.path is not None:
+            self._write_head()
+
+    def note_templates(self, templates: List[str]) -> None:
+        """Record the run's context templates, so a resumed run edits with the same ones."""
+        if self.templates == list(templates):
+            return
+        self.templates = list(templates)
+        if self.path is not None:
+            self._write_head()
+
+    def append(self, entry: JournalEntry) -> None:
+        entry.u = entry.u.detach().to("cpu", torch.float32).contiguous()
+        entry.lam = entry.lam.detach().to("cpu", torch.float32).contiguous()
+        if self.path is not None:
+            write_safetensors(self._factor_file(entry.edit_id), {"u": entry.u, "lam": entry.lam}, {})
+            with open(self.path / "edits.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry.header(), sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.entries.append(entry)
+        self._next_id = max(self._next_id, entry.edit_id + 1)
+
+    def remove(self, edit_ids: Iterable[int]) -> List[JournalEntry]:
+        """Drop entries (their factor files too); returns the removed entries."""
+        ids = set(edit_ids)
+        removed = [e for e in self.entries if e.edit_id in ids]
+        self.entries = [e for e in self.entries if e.edit_id not in ids]
+        if self.path is not None:
+            self._write_head()  # keeps next_id past the removed ids
+            self._rewrite_lines()
+            for e in removed:
+                self._factor_file(e.edit_id).unlink(missing_ok=True)
+        return removed
+
+    @property
+    def next_id(self) -> int:
+        return max([self._next_id] + [e.edit_id + 1 for e in self.entries])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
+def check_base(adapter: ModelAdapter, base_digests: Dict[int, str], where: str) -> None:
+    """Raise unless every recorded layer of ``adapter``'s model still has its base weight."""
+    for layer, digest in sorted(base_digests.items()):
+        have = weight_digest(adapter.weight(layer))
+        if have != digest:
+            raise ValueError(
+                f"{where}: layer {layer}'s weight is not the base weight the edits were made on "
+                f"(digest {have}, expected {digest}); load the unedited base model"
+            )
+
+
+def save_edits(entries: Iterable[JournalEntry], base_digests: Dict[int, str], path: PathLike,
+               model_type: str = "") -> Path:
+    """Write the factors of ``entries`` to one safetensors file with their JSON metadata."""
+    entries = list(entries)
+    tensors: Dict[str, Tensor] = {}
+    for e in entries:
+        tensors[f"{e.edit_id}.u"] = e.u
+        tensors[f"{e.edit_id}.lam"] = e.lam
+    meta = {
+        "format": EDITS_FORMAT,
+        "model_type": model_type,
+        "base_digests": json.dumps({str(k): v for k, v in sorted(base_digests.items())}),
+        "edits": json.dumps([e.header() for e in entries]),
+    }
+    return write_safetensors(path, tensors, meta)
+
+
+def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
+    """Entries and base digests from a file written by :func:`save_edits`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != EDITS_FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {EDITS_FORMAT!r}")
+            heads = json.loads(meta["edits"])
+            entries = [
+                JournalEntry(int(h["edit_id"]), int(h["layer"]), f.get_tensor(f"{h['edit_id']}.u"),
+                             f.get_tensor(f"{h['edit_id']}.lam"), h.get("request", {}), h.get("record", {}))
+                for h in heads
+            ]
+            digests = {int(k): str(v) for k, v in json.loads(meta["base_digests"]).items()}
+    except ValueError as exc:
+        raise ValueError(f"edits: {str(path)!r} is not a fastrome edits file ({exc})") from None
+    except Exception as exc:  # safetensors and json raise several types for damaged files
+        raise ValueError(f"edits: {str(path)!r} cannot be read ({exc})") from None
+    return entries, digests
+
+
+def load_edits(model: nn.Module, path: PathLike, *, module_template: Optional[str] = None) -> List[JournalEntry]:
+    """Re-apply the edits saved in ``path`` to ``model`` (the unedited base model), in order.
+
+    bf16/fp16 weights are written through a fresh fp32 master copy, exactly as the editor did, so
+    the result equals the edited model that saved them. Checks every layer's base weight first;
+    nothing is written if any check fails.
+
+    Returns:
+        The entries applied.
+    """
+    entries, digests = read_edits(path)
+    adapter = ModelAdapter(model, module_template)
+    for e in entries:
+        adapter.check_layer(e.layer, f"edits[{e.edit_id}].layer")
+        w = adapter.weight(e.layer)
+        if e.u.shape != (w.shape[1],) or e.lam.shape != (w.shape[0],):
+            raise ValueError(f"edits: edit {e.edit_id} has factors {tuple(e.lam.shape)}×{tuple(e.u.shape)}, "
+                             f"layer {e.layer}'s weight is {tuple(w.shape)}")
+    check_base(adapter, digests, "load_edits")
+    masters: Dict[int, Optional[Tensor]] = {}
+    with torch.no_grad():
+        for e in entries:
+            w = adapter.weight(e.layer)
+            if e.layer not in masters:
+                masters[e.layer] = None if w.dtype in (torch.float32, torch.float64) else w.detach().float()
+            apply_factors(w, e.u, e.lam, masters[e.layer])
+    return entries
