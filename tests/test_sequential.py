@@ -1,0 +1,112 @@
+"""The sequential harness: bad records skipped and reported, periodic measurements, collapse
+actions (undo, stop), and a killed run resumed from its journal with nothing applied twice."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fastrome.adapter import ModelAdapter
+from fastrome.sequential import CollapseRules, open_run, run_sequential, validate_record
+
+KW = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, stats="identity",
+          layer=1)
+PPL = ["The cat sat on the mat.", "Paris is the capital of France.", "Water boils at one hundred degrees."]
+
+
+def cf(case_id, subject, prompt, new, true, loc="The Louvre is located in"):
+    return {"case_id": case_id, "requested_rewrite": {"prompt": prompt, "subject": subject,
+            "target_new": {"str": new}, "target_true": {"str": true}}, "locality_prompt": loc}
+
+
+RECORDS = [
+    cf(1, "The Eiffel Tower", "{} is located in", "Rome", "Paris"),
+    cf(2, "The Mona Lisa", "{} was painted by", "Picasso", "Leonardo"),
+    cf(3, "Rome", "{} is the capital of", "Italy", "Italy"),  # new == true: skipped
+    {"case_id": 4, "requested_rewrite": {"prompt": "{} plays", "target_new": {"str": "chess"}}},  # no subject
+    cf(5, "LeBron James", "{} plays the sport of", "chess", "basketball"),
+    cf(6, "France", "The capital of {} is", "Berlin", "Paris"),
+]
+
+
+def editor_for(model, tok, out):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_run(model, tok, out, **KW)
+
+
+def go(ed, out, records, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_sequential(ed, records, out, every=2, ppl_texts=PPL, retention_sample=10, **kw)
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_validate_record():
+    assert validate_record(RECORDS[0]) is None
+    assert "equals target_true" in validate_record(RECORDS[2])
+    assert "subject" in validate_record(RECORDS[3])
+
+
+def test_run_reports_bad_records_and_measures_periodically(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path)
+    summary = go(ed, tmp_path, RECORDS, rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    assert summary.applied == 4 and summary.skipped == 2 and summary.stopped is None
+    log = lines(tmp_path / "edits.jsonl")
+    assert [e["case_id"] for e in log] == [1, 2, 3, 4, 5, 6]
+    assert {e["case_id"]: e["status"] for e in log if e["status"] == "skipped"}.keys() == {3, 4}
+    applied = [e for e in log if e["status"] == "applied"]
+    assert all(e["denominator"] > 0 and e["update_ratio"] > 0 and e["steps"] >= 1 for e in applied)
+    points = lines(tmp_path / "checkpoints.jsonl")
+    assert [p["edits"] for p in points] == [0, 2, 4]
+    assert all(p["ppl"] > 1 for p in points) and "retention" not in points[0]
+    assert 0 <= points[-1]["retention"] <= 1 and points[-1]["retention_n"] == 4
+    assert 0 <= points[-1]["specificity"] <= 1
+
+
+@pytest.mark.parametrize("action", ["undo", "stop"])
+def test_collapse_rules_act(make_tiny, tmp_path, action):
+    model, tok = make_tiny("llama-bytelevel")
+    base = ModelAdapter(model).weight(1).detach().clone()
+    ed = editor_for(model, tok, tmp_path)
+    # a rule no real edit passes: every edit moves the sentinel perplexity at least a little
+    summary = go(ed, tmp_path, RECORDS, rules=CollapseRules(sentinel_ppl_ratio=1 + 1e-12, action=action))
+    log = lines(tmp_path / "edits.jsonl")
+    flagged = [e for e in log if e.get("collapse")]
+    assert flagged and all("sentinel perplexity" in e["collapse"][0] for e in flagged)
+    if action == "undo":
+        # a random tiny model: some edits lower the sentinel perplexity; exactly the others are undone
+        undone = {e["case_id"] for e in flagged}
+        assert all(e["status"] == "undone" for e in flagged) and summary.undone == len(undone)
+        kept = [e["case_id"] for e in log if e["status"] == "applied"]
+        assert [e.request["case_id"] for e in ed.journal] == kept and not undone & set(kept)
+        if not kept:
+            assert torch.equal(ModelAdapter(model).weight(1), base)
+    else:
+        # the run ends at the first flagged edit, which stays applied and recorded
+        assert summary.stopped and flagged == [log[-1]] and log[-1]["status"] == "applied"
+        assert len(ed.journal) == sum(e["status"] == "applied" for e in log) and len(log) < len(RECORDS)
+
+
+def test_killed_run_resumes_with_nothing_applied_twice(make_tiny, tmp_path):
+    whole, tok = make_tiny("llama-bytelevel")
+    go(editor_for(whole, tok, tmp_path / "a"), tmp_path / "a", RECORDS,
+       rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    out = tmp_path / "b"
+    model, _ = make_tiny("llama-bytelevel")
+    go(editor_for(model, tok, out), out, RECORDS[:3], rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    del model  # the process dies here
+    fresh, _ = make_tiny("llama-bytelevel")
+    ed = editor_for(fresh, tok, out)
+    go(ed, out, RECORDS, rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    log = lines(out / "edits.jsonl")
+    assert sorted(e["case_id"] for e in log) == [1, 2, 3, 4, 5, 6]  # each record exactly once
+    assert [e.request["case_id"] for e in ed.journal] == [1, 2, 5, 6]
+    assert torch.equal(ModelAdapter(fresh).weight(1), ModelAdapter(whole).weight(1))
