@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_checks import same_bits
 
 from fastrome import Editor, load_edits
 from fastrome.adapter import ModelAdapter
@@ -22,15 +23,6 @@ REQS = [
     {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "chess", "case_id": 3},
     {"prompt": "The capital of {} is", "subject": "France", "target_new": "Berlin", "case_id": 4},
 ]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.detach().contiguous().view(ints)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def editor(model, tok, **kw):

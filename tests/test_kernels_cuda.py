@@ -13,10 +13,29 @@ import math
 import re
 import zlib
 
+import kernel_checks
 import pytest
 import torch
+from kernel_checks import (
+    ACC_DTYPES,
+    ACCEPT_CASES,
+    F32_EPS,
+    F64_EPS,
+    GUARD_CASES,
+    W_DTYPES,
+    apply_poison,
+    check_master_update,
+    check_rounded_update,
+    poison_negative_zeros,
+    rank_one_bounds,
+    same_bits,
+)
 
 from fastrome import _extension, ops
+
+
+def as_scalar(value, form):
+    return kernel_checks.as_scalar(value, form, device=DEV)
 
 
 def _why_skip():
@@ -32,12 +51,7 @@ def _why_skip():
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))]
 
 DEV = torch.device("cuda")
-F32_EPS = torch.finfo(torch.float32).eps
-F64_EPS = torch.finfo(torch.float64).eps
-INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 X_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
-W_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-ACC_DTYPES = [torch.float32, torch.float64]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,14 +77,6 @@ def g(request) -> torch.Generator:
 
 def randn(*shape, g, dtype=torch.float32, scale=1.0, device=DEV):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def bits(t):
-    return t.view(INT_OF_SIZE[t.element_size()])
-
-
-def same_bits(a, b) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def random_symmetric(d, dtype, g):
@@ -478,40 +484,10 @@ def base_and_view(kind, rows, cols, g, dtype, scale=1.0):
     return base, view_of(base), inside
 
 
-def poison_negative_zeros(base):
-    base.view(-1)[::7] = -0.0
-
-
-def rank_one_bounds(w0, lam, u, compute):
-    """fp64 exact ``w0 + lam ⊗ u`` and the bound of one product and one addition in ``compute``."""
-    lam64, u64 = lam.double(), u.double()
-    exact = torch.addr(w0.double(), lam64, u64)
-    bound = torch.addr(w0.abs().double(), lam64.abs(), u64.abs(), alpha=2).mul_(torch.finfo(compute).eps)
-    return exact, bound
-
-
-def check_rounded_update(w, exact, bound):
-    """``w`` is ``exact`` formed in the promised precision and rounded once to w's dtype."""
-    assert torch.isfinite(w).all()
-    err = w.to(torch.float64, copy=True).sub_(exact).abs_()
-    if w.dtype in (torch.float32, torch.float64):
-        ok = err <= bound
-    else:
-        err_round = exact.to(w.dtype).double().sub_(exact).abs_()
-        ok = err <= err_round.add_(bound, alpha=2)
-    assert ok.all(), f"{int((~ok).sum())}/{ok.numel()} elements off, max err {err.max().item():.3e}"
-
-
 def check_plain_update(w, w0, lam, u):
     compute = torch.float64 if w.dtype == torch.float64 else torch.float32
     exact, bound = rank_one_bounds(w0, lam, u, compute)
     check_rounded_update(w, exact, bound)
-
-
-def check_master_update(w, master, master0, lam, u):
-    exact, bound = rank_one_bounds(master0, lam, u, master.dtype)
-    assert (master.to(torch.float64, copy=True).sub_(exact).abs_() <= bound).all()
-    assert same_bits(w, master.to(w.dtype)), "weight is not exactly the rounded master"
 
 
 def check_flag(flag, w, applied):
@@ -663,38 +639,6 @@ def test_rank_one_update_large(g, w_dtype, kind, use_master):
             check_plain_update(w[rows], before[rows], lam[rows], u)
 
 
-GUARD_CASES = {
-    # name: (denom, min_denom, poison) with poison = (vector, value) or None
-    "denom_eq_min": (2.0**-10, 2.0**-10, None),
-    "denom_below_min": (2.0**-11, 2.0**-10, None),
-    "denom_tiny_eq_min": (1e-30, 1e-30, None),
-    "denom_tiny_below_min": (1e-31, 1e-30, None),
-    "denom_negative": (-1.0, 0.0, None),
-    "denom_zero": (0.0, 0.0, None),
-    "denom_neg_zero": (-0.0, 0.0, None),
-    "denom_zero_tiny_floor": (0.0, 1e-12, None),
-    "denom_nan": (math.nan, 0.0, None),
-    "denom_pos_inf": (math.inf, 0.0, None),
-    "denom_neg_inf": (-math.inf, -1e300, None),
-    "min_denom_nan": (1.0, math.nan, None),
-    "u_nan": (1.0, 0.0, ("u", math.nan)),
-    "u_pos_inf": (1.0, 0.0, ("u", math.inf)),
-    "u_neg_inf": (1.0, 0.0, ("u", -math.inf)),
-    "lam_nan": (1.0, 0.0, ("lam", math.nan)),
-    "lam_pos_inf": (1.0, 0.0, ("lam", math.inf)),
-    "lam_neg_inf": (1.0, 0.0, ("lam", -math.inf)),
-    "u_last_nan": (1.0, 0.0, ("u", math.nan, -1)),  # the guard's loops reach the last element
-    "lam_first_inf": (1.0, 0.0, ("lam", math.inf, 0)),
-}
-
-
-def as_scalar(value, form):
-    if form == "float":
-        return value
-    dtype = {"f32": torch.float32, "f64": torch.float64}[form]
-    return torch.tensor(value, dtype=dtype, device=DEV)
-
-
 @pytest.mark.parametrize("use_master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("shape", [(9, 14), (64, 2056)], ids=str)
 @pytest.mark.parametrize("case", list(GUARD_CASES))
@@ -712,10 +656,7 @@ def test_rank_one_update_refused(g, case, shape, use_master):
                 master = randn(d_out, d_in, g=g, dtype=torch.float32)
                 poison_negative_zeros(master)
             u, lam = randn(d_in, g=g), randn(d_out, g=g)
-            if poison is not None:
-                vec = {"u": u, "lam": lam}[poison[0]]
-                at = poison[2] if len(poison) > 2 else len(vec) // 2
-                vec[at] = poison[1]
+            apply_poison(u, lam, poison)
             w0 = w.clone()
             m0 = None if master is None else master.clone()
             flag = ops.rank_one_update(
@@ -739,13 +680,6 @@ def test_rank_one_update_refused_large(g):
     flag = ops.rank_one_update(w, u, lam, denom=1.0, min_denom=0.0, master=master)
     check_flag(flag, w, False)
     assert same_bits(w, w0) and same_bits(master, m0)
-
-
-ACCEPT_CASES = {
-    "just_above_floor": (2.0**-10 * (1 + 2.0**-20), 2.0**-10),
-    "large_denom": (1e30, 0.0),
-    "negative_with_neg_inf_floor": (-5.0, -math.inf),
-}
 
 
 @pytest.mark.parametrize("form", ["float", "f32", "f64"])

@@ -22,10 +22,30 @@ import os
 import sys
 import zlib
 
+import kernel_checks
 import pytest
 import torch
+from kernel_checks import (
+    ACC_DTYPES,
+    ACCEPT_CASES,
+    F32_EPS,
+    F64_EPS,
+    GUARD_CASES,
+    SCALAR_FORMS,
+    W_DTYPES,
+    apply_poison,
+    check_master_update,
+    check_rounded_update,
+    poison_negative_zeros,
+    rank_one_bounds,
+    same_bits,
+)
 
 from fastrome import ops
+
+
+def as_scalar(value, form):
+    return kernel_checks.as_scalar(value, form, device=DEVICE)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu"
@@ -64,9 +84,6 @@ def _import_kernels():
 
 KERNELS = _import_kernels()
 
-F32_EPS = torch.finfo(torch.float32).eps
-F64_EPS = torch.finfo(torch.float64).eps
-INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Guard tests feed NaN/Inf and fp32-overflowing values on purpose; numpy, which runs the
 # interpreted kernels, warns about them.
@@ -112,15 +129,6 @@ def kernel_module(short: str):
 def randn(*shape, g, dtype=torch.float32, scale=1.0):
     """Normal draws made on the CPU (reproducible) and moved to DEVICE."""
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of ``t`` (tells -0.0 from +0.0 and NaN payloads apart)."""
-    return t.view(INT_OF_SIZE[t.element_size()])
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def random_symmetric(d, dtype, g):
@@ -181,7 +189,6 @@ def check_moment(acc, acc0, parts):
 
 
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ACC_DTYPES = [torch.float32, torch.float64]
 ROWS = {1: 5, 7: 70, 13: 33, 67: 70, 131: 41, 576: 19}
 
 
@@ -491,9 +498,6 @@ def test_solve_keys_denominator_from_rounded_u(device, g):
 # ----------------------------------------------------------------------------------------------
 
 
-W_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
 def layout(kind: str, rows: int, cols: int):
     """``(base_shape, view_of)``: how a (rows, cols) matrix is stored in layout ``kind``."""
     return {
@@ -501,40 +505,6 @@ def layout(kind: str, rows: int, cols: int):
         "transposed": ((cols, rows), lambda b: b.t()),  # GPT-2 Conv1D: stored (d_in, d_out)
         "sliced": ((rows + 3, 2 * cols + 1), lambda b: b[1 : 1 + rows, 1::2]),
     }[kind]
-
-
-def poison_negative_zeros(t):
-    flat = t.view(-1)
-    flat[::7] = -0.0
-
-
-def rank_one_bounds(w0, lam, u, compute):
-    """fp64 exact ``w0 + lam ⊗ u`` and the bound of one product and one addition in ``compute``."""
-    lam64, u64 = lam.double().cpu(), u.double().cpu()
-    exact = torch.addr(w0.double().cpu(), lam64, u64)
-    bound = torch.addr(w0.abs().double().cpu(), lam64.abs(), u64.abs(), alpha=2).mul_(torch.finfo(compute).eps)
-    return exact, bound
-
-
-def check_rounded_update(w, exact, bound):
-    """``w`` is ``exact`` computed in the promised precision and rounded once to w's dtype."""
-    w = w.cpu()
-    assert torch.isfinite(w).all()
-    err = w.to(torch.float64, copy=True).sub_(exact).abs_()  # a copy even for fp64 weights
-    if w.dtype in (torch.float32, torch.float64):
-        ok = err <= bound
-    else:
-        # Rounding the fp32 result lands at most one step further from exact than rounding exact
-        # itself, and only when the fp32 error crosses a midpoint.
-        err_round = exact.to(w.dtype).double().sub_(exact).abs_()
-        ok = err <= err_round.add_(bound, alpha=2)
-    assert ok.all(), f"{int((~ok).sum())}/{ok.numel()} elements off, max err {err.max().item():.3e}"
-
-
-def check_master_update(w, master, master0, lam, u):
-    exact, bound = rank_one_bounds(master0, lam, u, master.dtype)
-    assert (master.cpu().to(torch.float64, copy=True).sub_(exact).abs_() <= bound).all()
-    assert same_bits(w, master.to(w.dtype)), "weight is not exactly the rounded master"
 
 
 def check_flag(flag, w, applied):
@@ -668,33 +638,6 @@ def test_rank_one_update_large(device, g, w_dtype, use_master):
             check_rounded_update(w[rows], exact, bound)
 
 
-GUARD_CASES = {
-    # name: (denom, min_denom, poison) with poison = (vector, value) or None
-    "denom_eq_min": (2.0**-10, 2.0**-10, None),
-    "denom_tiny_eq_min": (1e-30, 1e-30, None),
-    "denom_below_min": (2.0**-11, 2.0**-10, None),
-    "denom_negative": (-1.0, 0.0, None),
-    "denom_zero": (0.0, 0.0, None),
-    "denom_neg_zero": (-0.0, 0.0, None),
-    "denom_nan": (math.nan, 0.0, None),
-    "denom_pos_inf": (math.inf, 0.0, None),
-    "denom_neg_inf": (-math.inf, -1e300, None),
-    "min_denom_nan": (1.0, math.nan, None),
-    "u_nan": (1.0, 0.0, ("u", math.nan)),
-    "u_pos_inf": (1.0, 0.0, ("u", math.inf)),
-    "u_neg_inf": (1.0, 0.0, ("u", -math.inf)),
-    "lam_nan": (1.0, 0.0, ("lam", math.nan)),
-    "lam_pos_inf": (1.0, 0.0, ("lam", math.inf)),
-    "lam_neg_inf": (1.0, 0.0, ("lam", -math.inf)),
-}
-SCALAR_FORMS = {"float": None, "f32": torch.float32, "f64": torch.float64, "bf16": torch.bfloat16}
-
-
-def as_scalar(value, form):
-    dtype = SCALAR_FORMS[form]
-    return value if dtype is None else torch.tensor(value, dtype=dtype, device=DEVICE)
-
-
 @pytest.mark.parametrize("use_master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("case", list(GUARD_CASES))
 def test_rank_one_update_refused(device, g, case, use_master):
@@ -710,9 +653,7 @@ def test_rank_one_update_refused(device, g, case, use_master):
             master = randn(d_out, d_in, g=g, dtype=torch.float64 if w_dtype == torch.float16 else torch.float32)
             poison_negative_zeros(master)
         u, lam = randn(d_in, g=g), randn(d_out, g=g)
-        if poison is not None:
-            vec = {"u": u, "lam": lam}[poison[0]]
-            vec[len(vec) // 2] = poison[1]
+        apply_poison(u, lam, poison)
         w0 = w.clone()
         m0 = None if master is None else master.clone()
         flag = ops.rank_one_update(
@@ -723,13 +664,6 @@ def test_rank_one_update_refused(device, g, case, use_master):
         assert same_bits(w, w0), f"a refused write changed the weight ({where})"
         if master is not None:
             assert same_bits(master, m0), f"a refused write changed the master ({where})"
-
-
-ACCEPT_CASES = {
-    "just_above_floor": (2.0**-10 * (1 + 2.0**-20), 2.0**-10),
-    "large_denom": (1e30, 0.0),
-    "negative_with_neg_inf_floor": (-5.0, -math.inf),
-}
 
 
 @pytest.mark.parametrize("form", ["float", "f32", "f64"])

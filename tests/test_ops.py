@@ -14,6 +14,21 @@ import zlib
 
 import pytest
 import torch
+from kernel_checks import (
+    ACC_DTYPES,
+    ACCEPT_CASES,
+    F32_EPS,
+    F64_EPS,
+    GUARD_CASES,
+    W_DTYPES,
+    apply_poison,
+    as_scalar,
+    check_master_update,
+    check_rounded_update,
+    poison_negative_zeros,
+    rank_one_bounds,
+    same_bits,
+)
 
 from fastrome import _extension, ops, reference
 
@@ -27,10 +42,6 @@ CPU_BACKENDS = [
         ),
     ),
 ]
-
-F32_EPS = torch.finfo(torch.float32).eps
-F64_EPS = torch.finfo(torch.float64).eps
-INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,15 +67,6 @@ def backend(request, monkeypatch):
 
 def randn(*shape, g, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of ``t`` (distinguishes -0.0 from +0.0 and NaN payloads)."""
-    return t.view(INT_OF_SIZE[t.element_size()])
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
 
 
 def layout(kind: str, rows: int, cols: int):
@@ -161,7 +163,6 @@ def check_moment(acc, acc0, parts):
 
 
 X_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-ACC_DTYPES = [torch.float32, torch.float64]
 
 
 @pytest.mark.parametrize("acc_dtype", ACC_DTYPES, ids=str)
@@ -438,44 +439,6 @@ def test_solve_keys_exact_small_case(backend):
 # ----------------------------------------------------------------------------------------------
 
 
-W_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def poison_negative_zeros(base):
-    flat = base.view(-1)
-    flat[::7] = -0.0
-    assert (bits(flat[::7]) != bits(torch.zeros_like(flat[::7]))).all()
-
-
-def rank_one_bounds(w0, lam, u, out_dtype):
-    """fp64 exact ``w0 + lam ⊗ u`` and the bound of one fp32/fp64 product plus one addition."""
-    lam64, u64 = lam.double(), u.double()
-    exact = torch.addr(w0.double(), lam64, u64)
-    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
-    bound = torch.addr(w0.abs().double(), lam64.abs(), u64.abs(), alpha=2).mul_(torch.finfo(compute).eps)
-    return exact, bound
-
-
-def check_rounded_update(w, exact, bound):
-    """``w`` is ``exact`` computed in the promised precision and rounded once to w's dtype."""
-    assert torch.isfinite(w).all()
-    err = w.to(torch.float64, copy=True).sub_(exact).abs_()
-    if w.dtype in (torch.float32, torch.float64):
-        ok = err <= bound
-    else:
-        # Rounding the fp32 result can land one step further from exact than rounding exact
-        # itself only if the fp32 error crosses a midpoint: err <= err(round(exact)) + 2·fp32 error.
-        err_round = exact.to(w.dtype).double().sub_(exact).abs_()
-        ok = err <= err_round.add_(bound, alpha=2)
-    assert ok.all(), f"{int((~ok).sum())}/{ok.numel()} elements off, max err {err.max().item():.3e}"
-
-
-def check_master_update(w, master, master0, lam, u):
-    exact, bound = rank_one_bounds(master0, lam, u, master.dtype)
-    assert (master.to(torch.float64, copy=True).sub_(exact).abs_() <= bound).all()
-    assert same_bits(w, master.to(w.dtype)), "weight is not exactly the rounded master"
-
-
 @pytest.mark.parametrize("use_master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("kind", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (13, 7), (576, 1536)], ids=str)
@@ -575,36 +538,6 @@ def test_rank_one_update_large(backend, g, w_dtype, use_master):
             check_rounded_update(w[rows], exact, bound)
 
 
-GUARD_CASES = {
-    # name: (denom, min_denom, poison) with poison = (vector, value) or None
-    "denom_eq_min": (2.0**-10, 2.0**-10, None),
-    "denom_below_min": (2.0**-11, 2.0**-10, None),
-    "denom_tiny_eq_min": (1e-30, 1e-30, None),
-    "denom_tiny_below_min": (1e-31, 1e-30, None),
-    "denom_negative": (-1.0, 0.0, None),
-    "denom_zero": (0.0, 0.0, None),
-    "denom_neg_zero": (-0.0, 0.0, None),
-    "denom_zero_tiny_floor": (0.0, 1e-12, None),
-    "denom_nan": (math.nan, 0.0, None),
-    "denom_pos_inf": (math.inf, 0.0, None),
-    "denom_neg_inf": (-math.inf, -1e300, None),
-    "min_denom_nan": (1.0, math.nan, None),
-    "u_nan": (1.0, 0.0, ("u", math.nan)),
-    "u_pos_inf": (1.0, 0.0, ("u", math.inf)),
-    "u_neg_inf": (1.0, 0.0, ("u", -math.inf)),
-    "lam_nan": (1.0, 0.0, ("lam", math.nan)),
-    "lam_pos_inf": (1.0, 0.0, ("lam", math.inf)),
-    "lam_neg_inf": (1.0, 0.0, ("lam", -math.inf)),
-}
-
-
-def as_scalar(value, form):
-    if form == "float":
-        return value
-    dtype = {"f32": torch.float32, "f64": torch.float64}[form]
-    return torch.tensor(value, dtype=dtype)
-
-
 @pytest.mark.parametrize("use_master", [False, True], ids=["plain", "master"])
 @pytest.mark.parametrize("case", list(GUARD_CASES))
 def test_rank_one_update_refused(backend, g, case, use_master):
@@ -619,9 +552,7 @@ def test_rank_one_update_refused(backend, g, case, use_master):
                 master = randn(d_out, d_in, g=g, dtype=torch.float32)
                 poison_negative_zeros(master)
             u, lam = randn(d_in, g=g), randn(d_out, g=g)
-            if poison is not None:
-                vec = {"u": u, "lam": lam}[poison[0]]
-                vec[len(vec) // 2] = poison[1]
+            apply_poison(u, lam, poison)
             w0 = w.clone()
             m0 = None if master is None else master.clone()
             flag = ops.rank_one_update(
@@ -633,13 +564,6 @@ def test_rank_one_update_refused(backend, g, case, use_master):
             assert same_bits(w, w0), f"a refused write changed the weight ({where})"
             if master is not None:
                 assert same_bits(master, m0), f"a refused write changed the master ({where})"
-
-
-ACCEPT_CASES = {
-    "just_above_floor": (2.0**-10 * (1 + 2.0**-20), 2.0**-10),
-    "large_denom": (1e30, 0.0),
-    "negative_with_neg_inf_floor": (-5.0, -math.inf),
-}
 
 
 @pytest.mark.parametrize("form", ["float", "f32", "f64"])
