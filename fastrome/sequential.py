@@ -147,17 +147,21 @@ def run_sequential(
                 continue  # a torn line from a killed run
     summary = RunSummary()
     t_start = time.perf_counter()
-    base_sentinel = mean_perplexity(model, tok, sentinel) if sentinel else None
-    if base_sentinel is not None and editor.journal.entries:
-        # a resumed run: the baseline must be the unedited model's, recorded on the first start
-        first = _first_checkpoint(ckpt_log)
-        base_sentinel = first.get("sentinel_ppl_base", base_sentinel) if first else base_sentinel
-    locality = _locality_baseline(model, tok, records, retention_sample, seed)
-    if not ckpt_log.is_file():
+    # Baselines belong to the model before the run's first edit: a resumed run reads them from the
+    # first checkpoint instead of measuring the (already edited) model again.
+    first = _first_checkpoint(ckpt_log)
+    if first is None and editor.journal.entries:
+        raise ValueError(f"out_dir: {out} has a journal but no checkpoints.jsonl to take the baselines from")
+    if first is None:
+        base_sentinel = mean_perplexity(model, tok, sentinel) if sentinel else None
+        locality = _locality_baseline(model, tok, records, retention_sample, seed)
         start = _measure(editor, records, [], ppl_texts, locality, retention_sample, seed)
-        start.update(edits=0, sentinel_ppl_base=base_sentinel)
+        start.update(edits=0, sentinel_ppl_base=base_sentinel, locality_baseline=locality)
         _append(ckpt_log, start)
         summary.checkpoints.append(start)
+    else:
+        base_sentinel = first.get("sentinel_ppl_base")
+        locality = [tuple(pair) for pair in first.get("locality_baseline", [])]
     ratios = [float(e.record.get("update_ratio") or 0.0) for e in editor.journal]
 
     from tqdm.auto import tqdm

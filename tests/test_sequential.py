@@ -110,3 +110,9 @@ def test_killed_run_resumes_with_nothing_applied_twice(make_tiny, tmp_path):
     assert sorted(e["case_id"] for e in log) == [1, 2, 3, 4, 5, 6]  # each record exactly once
     assert [e.request["case_id"] for e in ed.journal] == [1, 2, 5, 6]
     assert torch.equal(ModelAdapter(fresh).weight(1), ModelAdapter(whole).weight(1))
+    # the baselines are measured once, on the unedited model, and reused after the restart
+    points = lines(out / "checkpoints.jsonl")
+    assert [p["edits"] for p in points].count(0) == 1 and points[0]["locality_baseline"]
+    first_a = lines(tmp_path / "a" / "checkpoints.jsonl")[0]
+    assert points[0]["sentinel_ppl_base"] == first_a["sentinel_ppl_base"]
+    assert [p["edits"] for p in points] == [0, 2, 4]

@@ -16,11 +16,18 @@ the gold answer tokens before them (ROME's zsRE metric). Figures:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from fastrome.evaluation.counterfact import PathLike, check_limit, check_prefixes, prefixed, read_json_list
+from fastrome.evaluation.counterfact import (
+    CounterFactCases,
+    PathLike,
+    check_limit,
+    check_prefixes,
+    prefixed,
+    read_json_list,
+)
 from fastrome.metrics import score_targets
 from fastrome.requests import EditRequest, parse_requests
 
@@ -42,12 +49,8 @@ class ZsreCase:
         return self.request.target_new
 
 
-class ZsreCases(list):
+class ZsreCases(CounterFactCases):
     """A list of :class:`ZsreCase` with ``skipped``: ``(record index, reason)`` of bad records."""
-
-    def __init__(self, cases: Sequence[ZsreCase] = (), skipped: Sequence[Tuple[int, str]] = ()) -> None:
-        super().__init__(cases)
-        self.skipped: List[Tuple[int, str]] = list(skipped)
 
 
 def _field(record: Mapping[str, Any], name: str) -> str:
