@@ -26,7 +26,10 @@ class EditConfig:
 
     Algorithm (DESIGN §1): ``mode`` chooses the keys (``consistent``: prefixed mean key everywhere;
     ``original``: the published code's mixed keys; ``prompt``: the unprefixed key everywhere).
-    ``template_lengths`` lists (tokens, count) pairs of generated context prefixes.
+    ``template_lengths`` lists (tokens, count) pairs of generated context prefixes. ``v_fast``
+    lets the value optimisation run only the layers above the edited one on the tokens from the
+    subject's last token on (:mod:`fastrome.runners`; same result up to rounding, checked on first
+    use); False runs the whole model at every step.
     Guards (DESIGN §2): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
     non-finite, or when ``‖ΔW‖_F/‖W‖_F`` exceeds ``max_update_ratio`` (or the running sum of those
     ratios at the layer exceeds ``max_total_update_ratio``); ``policy`` says what a refusal does.
@@ -44,6 +47,7 @@ class EditConfig:
     v_weight_decay: Optional[float] = None
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
+    v_fast: bool = True
     # statistics and solve
     stats_tokens: Optional[int] = None
     stats_max_len: int = 1024
@@ -76,6 +80,8 @@ class EditConfig:
         for name in ("kl_factor", "early_stop_loss", "ridge", "min_denom_rel"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 raise bad(name, "a non-negative number")
+        if not isinstance(self.v_fast, bool):
+            raise bad("v_fast", "True or False")
         if self.v_steps is not None and (not isinstance(self.v_steps, int) or self.v_steps < 1):
             raise bad("v_steps", "a positive int")
         if self.v_weight_decay is not None and self.v_weight_decay < 0:

@@ -32,7 +32,7 @@ from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment, is_statistics_file, layer_fingerprint, load_or_compute
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
-from fastrome.values import frozen, optimize_value
+from fastrome.values import ValueResult, frozen, optimize_values
 
 IDENTITY_WORDS = ("identity", "none", "off")
 BUNDLED_WORDS = ("bundled", "default")
@@ -262,12 +262,22 @@ class Editor:
             layers.append(layer)
         return layers
 
-    def edit(self, requests: Union[RequestLike, Iterable[RequestLike]]) -> EditReport:
+    def edit(
+        self, requests: Union[RequestLike, Iterable[RequestLike]], *, batch_size: int = 1
+    ) -> EditReport:
         """Apply ``requests`` one after another; returns their report.
+
+        ``batch_size > 1`` is the batched mode: the values of up to that many consecutive requests
+        (at the same layer) are optimised together against the current weights, then their rank-one
+        updates are applied one after another, each numerator recomputed against the weights as the
+        earlier updates left them. Strict sequential editing (``batch_size=1``) optimises every value
+        against the weights after all earlier edits.
 
         Under ``policy='raise'`` a refused edit raises :class:`EditRefused` (its ``report`` holds the
         edits of this call so far); the refused edit has written nothing, earlier ones stay applied.
         """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         reqs = parse_requests(requests)
         layers = self._prepare(reqs)
         report = EditReport()
@@ -283,88 +293,108 @@ class Editor:
         show = self.progress if self.progress is not None else _stderr_is_tty()
         bar = tqdm(total=len(reqs), desc="editing", unit="edit", disable=not show)
         try:
-            for i, (req, layer) in enumerate(zip(reqs, layers)):
-                rec = EditRecord(
-                    index=len(self.history), case_id=req.case_id, prompt=req.text, subject=req.subject,
-                    target_new=req.target_new, layer=layer, mode=self.config.mode,
-                    stats=self.stats_source(layer),
-                )
-                if i == 0:
-                    rec.seconds["stats"] = stats_seconds
-                    rec.seconds["templates"] = template_seconds
-                self._edit_one(req, layer, templates, rec, bar)
-                report.records.append(rec)
-                self.history.append(rec)
-                bar.update(1)
-                bar.set_postfix(status=rec.status, loss=f"{rec.losses[-1]:.3f}" if rec.losses else "-")
-                if rec.status == "refused" and self.config.policy == "raise":
-                    raise EditRefused(
-                        f"edit of {req.subject!r} → {req.target_new!r} refused: {'; '.join(rec.reasons)} "
-                        "(weights unchanged; policy='skip' goes on, policy='force' overrides)",
-                        report,
+            for chunk in _chunks(layers, batch_size):
+                recs = []
+                for i in chunk:
+                    req, layer = reqs[i], layers[i]
+                    rec = EditRecord(
+                        index=len(self.history) + len(recs), case_id=req.case_id, prompt=req.text,
+                        subject=req.subject, target_new=req.target_new, layer=layer, mode=self.config.mode,
+                        stats=self.stats_source(layer),
                     )
+                    if i == 0:
+                        rec.seconds["stats"] = stats_seconds
+                        rec.seconds["templates"] = template_seconds
+                    recs.append(rec)
+                found = self._keys_and_values([reqs[i] for i in chunk], layers[chunk[0]], templates, recs, bar)
+                for i, rec, (keys, vr) in zip(chunk, recs, found):
+                    self._apply(reqs[i], layers[i], keys, vr, rec)
+                    report.records.append(rec)
+                    self.history.append(rec)
+                    bar.update(1)
+                    bar.set_postfix(status=rec.status, loss=f"{rec.losses[-1]:.3f}" if rec.losses else "-")
+                    if rec.status == "refused" and self.config.policy == "raise":
+                        raise EditRefused(
+                            f"edit of {reqs[i].subject!r} → {reqs[i].target_new!r} refused: "
+                            f"{'; '.join(rec.reasons)} (weights unchanged; policy='skip' goes on, "
+                            "policy='force' overrides)",
+                            report,
+                        )
         finally:
             bar.close()
         return report
 
-    def _edit_one(self, req: EditRequest, layer: int, templates: List[str], rec: EditRecord, bar: Any) -> None:
+    def _keys_and_values(
+        self, reqs: List[EditRequest], layer: int, templates: List[str], recs: List[EditRecord], bar: Any
+    ) -> List[Tuple[Tensor, ValueResult]]:
+        """Keys of every request and their values, optimised together; time is shared equally."""
         cfg, adapter = self.config, self.adapter
         with frozen(self.model):
             t0 = _now()
-            prompts = edit_prompts(self.tokenizer, templates, req)
-            keys, _ = capture_at(adapter, layer, prompts, pad_id(self.tokenizer))
-            k_mean, k_plain = keys.mean(0), keys[0]
-            rec.seconds["keys"] = _now() - t0
-
+            keys = [
+                capture_at(adapter, layer, edit_prompts(self.tokenizer, templates, req), pad_id(self.tokenizer))[0]
+                for req in reqs
+            ]
+            key_seconds = (_now() - t0) / len(reqs)
             t0 = _now()
-            vr = optimize_value(
-                adapter, self.tokenizer, layer, req, templates, cfg,
-                on_step=lambda it, loss: bar.set_postfix(subject=req.subject[:20], step=it, loss=f"{loss:.3f}"),
+            label = reqs[0].subject[:20] if len(reqs) == 1 else f"{len(reqs)} requests"
+            vrs = optimize_values(
+                adapter, self.tokenizer, layer, reqs, templates, cfg,
+                on_step=lambda it, loss: bar.set_postfix(subject=label, step=it, loss=f"{loss:.3f}"),
+                fast=cfg.v_fast,
             )
-            rec.seconds["values"] = _now() - t0
+            value_seconds = (_now() - t0) / len(reqs)
+        for rec, vr in zip(recs, vrs):
+            rec.seconds["keys"], rec.seconds["values"] = key_seconds, value_seconds
             rec.losses, rec.steps, rec.early_stopped = list(vr.losses), vr.steps, vr.early_stopped
             rec.delta_norm, rec.v_init_norm = float(vr.delta.norm()), float(vr.v_init.norm())
             rec.target_prob = vr.final_target_prob
+            rec.batch = len(reqs)
+        return list(zip(keys, vrs))
 
-            t0 = _now()
-            self._remember_base(layer)
-            weight32, _ = self._weight32(layer)
-            plan = update.plan(
-                cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star
-            )
-            total = self._total_ratio[layer] + plan.update_ratio
-            verdict = guards.check(
-                k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
-                update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
-            )
-            rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
-            rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
-            rec.total_update_ratio = total
-            rec.reasons = list(verdict.reasons)
-            rec.seconds["solve"] = _now() - t0
+    def _apply(self, req: EditRequest, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> None:
+        """Solve against the current weights, check the guards, write, journal."""
+        cfg, adapter = self.config, self.adapter
+        k_mean, k_plain = keys.mean(0), keys[0]
+        t0 = _now()
+        self._remember_base(layer)
+        weight32, _ = self._weight32(layer)
+        plan = update.plan(
+            cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star
+        )
+        total = self._total_ratio[layer] + plan.update_ratio
+        verdict = guards.check(
+            k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
+            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
+        )
+        rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
+        rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
+        rec.total_update_ratio = total
+        rec.reasons = list(verdict.reasons)
+        rec.seconds["solve"] = _now() - t0
 
-            t0 = _now()
-            if verdict.ok or cfg.policy == "force":
-                _, master = self._weight32(layer)
-                floor = verdict.floor if verdict.ok else -math.inf
-                with torch.no_grad():
-                    applied = update.write(adapter.weight(layer), plan, floor, master)
-                if applied:
-                    rec.status = "applied" if verdict.ok else "forced"
-                    self._total_ratio[layer] = total
-                else:
-                    rec.status = "refused"
-                    rec.reasons = rec.reasons or ["the write refused non-finite values"]
+        t0 = _now()
+        if verdict.ok or cfg.policy == "force":
+            _, master = self._weight32(layer)
+            floor = verdict.floor if verdict.ok else -math.inf
+            with torch.no_grad():
+                applied = update.write(adapter.weight(layer), plan, floor, master)
+            if applied:
+                rec.status = "applied" if verdict.ok else "forced"
+                self._total_ratio[layer] = total
             else:
                 rec.status = "refused"
-            rec.seconds["write"] = _now() - t0
-            if rec.applied:
-                rec.edit_id = self.journal.next_id
-                self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict()))
-            self.last = EditArtifacts(
-                layer=layer, mode=cfg.mode, k_mean=k_mean, k_plain=k_plain, v_init=vr.v_init, v_star=vr.v_star,
-                u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
-            )
+                rec.reasons = rec.reasons or ["the write refused non-finite values"]
+        else:
+            rec.status = "refused"
+        rec.seconds["write"] = _now() - t0
+        if rec.applied:
+            rec.edit_id = self.journal.next_id
+            self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict()))
+        self.last = EditArtifacts(
+            layer=layer, mode=cfg.mode, k_mean=k_mean, k_plain=k_plain, v_init=vr.v_init, v_star=vr.v_star,
+            u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
+        )
 
     # -- journal, undo, export ------------------------------------------------------------------
     def _remember_base(self, layer: int) -> None:
@@ -448,6 +478,17 @@ class Editor:
             self.tokenizer.save_pretrained(path)
         self.save_edits(path / "edits.safetensors")
         return path
+
+
+def _chunks(layers: List[int], size: int) -> List[List[int]]:
+    """Indices of consecutive requests, at most ``size`` per chunk and one layer per chunk."""
+    out: List[List[int]] = []
+    for i, layer in enumerate(layers):
+        if out and len(out[-1]) < size and layers[out[-1][0]] == layer:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def _stderr_is_tty() -> bool:

@@ -43,6 +43,7 @@ class EditRecord:
     stats: str = ""
     seconds: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     edit_id: Optional[int] = None  # id in the editor's journal once applied
+    batch: int = 1  # requests whose values were optimised together with this one
 
     @property
     def applied(self) -> bool:

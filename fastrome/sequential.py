@@ -27,6 +27,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from fastrome.evaluation.counterfact import prefixed
+from fastrome.evaluation.fluency import generate_for_fluency, ngram_entropy
 from fastrome.metrics import mean_perplexity, score_targets
 from fastrome.models import greedy_complete
 from fastrome.requests import parse_requests
@@ -43,12 +45,16 @@ class CollapseRules:
             any edit; above this the edit is flagged.
         norm_spike: ``‖ΔW‖/‖W‖`` of an edit over the median of the previous edits' ratios.
         min_history: edits before the norm-spike rule applies (the median needs a few).
+        entropy_drop: generation entropy at a checkpoint over the unedited model's; below this the
+            run stops under ``action="stop"`` (it is recorded otherwise: the edits since the last
+            checkpoint cannot be told apart).
         action: ``"stop"`` the run, ``"undo"`` the edit and go on (recorded), or only ``"record"``.
     """
 
     sentinel_ppl_ratio: float = 1.5
     norm_spike: float = 10.0
     min_history: int = 10
+    entropy_drop: float = 0.8
     action: str = "undo"
 
     def __post_init__(self) -> None:
@@ -108,9 +114,13 @@ def run_sequential(
     *,
     every: int = 50,
     ppl_texts: Sequence[str] = (),
+    wikitext_texts: Sequence[str] = (),
     sentinel_texts: Optional[Sequence[str]] = None,
+    fluency_prompts: Sequence[str] = (),
+    test_prefixes: Sequence[str] = (),
     retention_sample: int = 200,
     rules: Optional[CollapseRules] = None,
+    batch_size: int = 1,
     seed: int = 0,
     on_checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None,
     progress: Optional[bool] = None,
@@ -123,20 +133,31 @@ def run_sequential(
         records: CounterFact-style dicts (``case_id`` identifies a record across restarts).
         out_dir: where ``edits.jsonl`` and ``checkpoints.jsonl`` go.
         every: measure retention, specificity and perplexity every this many applied edits.
-        ppl_texts: texts for the periodic perplexity (e.g. ME-PPL_50).
+        ppl_texts: texts for the periodic perplexity ``ppl`` (e.g. ME-PPL_50).
+        wikitext_texts: held-out texts for ``wikitext_ppl`` (e.g. WikiText-2 test paragraphs).
         sentinel_texts: texts for the per-edit perplexity check (default: the first 8 ppl texts).
+        fluency_prompts: prompts for ``entropy``, the n-gram entropy of top-k sampled generations,
+            and ``entropy_norm``, its ratio to the unedited model's.
+        test_prefixes: context prefixes for ``retention_prefixed`` and ``retention_score_prefixed``
+            (each re-checked edit's prompt after one of them, in turn).
         retention_sample: how many of the edits so far are re-checked at each checkpoint.
         rules: collapse rules (default :class:`CollapseRules`).
-        seed: seed of the retention sample.
+        batch_size: the editor's batched mode (values of this many records optimised together);
+            1 is strict sequential editing. Per-edit checks then run once per batch.
+        seed: seed of the retention sample and of the generations.
     """
     rules = rules or CollapseRules()
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"every: expected a positive int, got {every!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     edits_log, ckpt_log = out / "edits.jsonl", out / "checkpoints.jsonl"
     model, tok = editor.model, editor.tokenizer
     sentinel = list(sentinel_texts if sentinel_texts is not None else list(ppl_texts)[:8])
+    probes = Probes(list(ppl_texts), list(wikitext_texts), list(fluency_prompts), retention_sample, seed,
+                    list(test_prefixes))
     done = {str(c) for c in editor.done_case_ids()}
     logged = set()
     if edits_log.is_file():
@@ -154,79 +175,135 @@ def run_sequential(
         raise ValueError(f"out_dir: {out} has a journal but no checkpoints.jsonl to take the baselines from")
     if first is None:
         base_sentinel = mean_perplexity(model, tok, sentinel) if sentinel else None
-        locality = _locality_baseline(model, tok, records, retention_sample, seed)
-        start = _measure(editor, records, [], ppl_texts, locality, retention_sample, seed)
-        start.update(edits=0, sentinel_ppl_base=base_sentinel, locality_baseline=locality)
+        probes.locality = _locality_baseline(model, tok, records, retention_sample, seed)
+        start = probes.measure(editor, records, [])
+        probes.base_entropy = start.get("entropy")
+        start.update(edits=0, sentinel_ppl_base=base_sentinel, locality_baseline=probes.locality,
+                     entropy_base=probes.base_entropy)
+        start["entropy_norm"] = 1.0 if probes.base_entropy else None
         _append(ckpt_log, start)
         summary.checkpoints.append(start)
     else:
         base_sentinel = first.get("sentinel_ppl_base")
-        locality = [tuple(pair) for pair in first.get("locality_baseline", [])]
+        probes.locality = [tuple(pair) for pair in first.get("locality_baseline", [])]
+        probes.base_entropy = first.get("entropy_base")
     ratios = [float(e.record.get("update_ratio") or 0.0) for e in editor.journal]
 
     from tqdm.auto import tqdm
 
     show = progress if progress is not None else False
     bar = tqdm(total=len(records), initial=len(done), desc="sequential edits", unit="edit", disable=not show)
-    try:
+
+    def log(entry: Dict[str, Any]) -> None:
+        _append(edits_log, entry)
+        bar.update(1)
+
+    def pending():
+        """Batches of (index, case id, record) not yet done, bad records logged on the way."""
+        batch: List[tuple] = []
         for index, record in enumerate(records):
             cid = _case_id(record, index)
             if str(cid) in done or str(cid) in logged:
                 continue
             reason = validate_record(record)
-            entry: Dict[str, Any] = {"case_id": cid, "index": index}
-            if reason is None:
-                try:
-                    report = editor.edit(record)
-                except ValueError as exc:  # found invalid while preparing: nothing was written
-                    reason = str(exc)
             if reason is not None:
-                entry.update(status="skipped", reason=reason)
                 summary.skipped += 1
-                _append(edits_log, entry)
-                bar.update(1)
+                log({"case_id": cid, "index": index, "status": "skipped", "reason": reason})
                 continue
-            rec = report.records[0]
-            entry.update({k: v for k, v in asdict(rec).items() if k not in ("losses",)})
-            entry["final_loss"] = rec.losses[-1] if rec.losses else None
-            if not rec.applied:
-                summary.refused += 1
-                _append(edits_log, entry)
-                bar.update(1)
+            batch.append((index, cid, record))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    try:
+        for batch in pending():
+            applied = _edit_batch(editor, batch, batch_size, log, summary)
+            if not applied:
                 continue
-            flags = []
-            if len(ratios) >= rules.min_history and rec.update_ratio > rules.norm_spike * median(ratios):
-                flags.append(f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median "
-                             f"{median(ratios):.3g}")
+            flags: Dict[int, List[str]] = {}
+            for entry, rec in applied:
+                if len(ratios) >= rules.min_history and rec.update_ratio > rules.norm_spike * median(ratios):
+                    flags.setdefault(id(entry), []).append(
+                        f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median "
+                        f"{median(ratios):.3g}"
+                    )
             if base_sentinel is not None:
                 now = mean_perplexity(model, tok, sentinel)
-                entry["sentinel_ppl"] = now
+                for entry, _ in applied:
+                    entry["sentinel_ppl"] = now
                 if now > rules.sentinel_ppl_ratio * base_sentinel:
-                    flags.append(f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}")
-            entry["collapse"] = flags
-            if flags and rules.action == "undo":
-                editor.undo(rec.edit_id)
-                entry["status"] = "undone"
-                summary.undone += 1
-            else:
-                ratios.append(rec.update_ratio)
-                summary.applied += 1
-            _append(edits_log, entry)
-            bar.update(1)
-            if flags and rules.action == "stop":
-                summary.stopped = "; ".join(flags)
+                    for entry, _ in applied:  # a batch is judged as a whole
+                        flags.setdefault(id(entry), []).append(
+                            f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}"
+                        )
+            undo = []
+            for entry, rec in applied:
+                entry["collapse"] = flags.get(id(entry), [])
+                if entry["collapse"] and rules.action == "undo":
+                    undo.append(rec.edit_id)
+                    entry["status"] = "undone"
+                    summary.undone += 1
+                else:
+                    ratios.append(rec.update_ratio)
+                    summary.applied += 1
+            if undo:
+                editor.undo(undo)
+            for entry, _ in applied:
+                log(entry)
+            raised = [f for entry, _ in applied for f in entry["collapse"]]
+            if raised and rules.action == "stop":
+                summary.stopped = "; ".join(raised)
                 break
-            if len(editor.journal) % every == 0:
-                point = _measure(editor, records, editor.done_case_ids(), ppl_texts, locality, retention_sample, seed)
-                point["edits"] = len(editor.journal)
+            n_done = len(editor.journal)
+            kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
+            if n_done // every > (n_done - kept) // every:
+                point = probes.measure(editor, records, editor.done_case_ids())
+                point["edits"] = n_done
+                norm = point.get("entropy_norm")
+                if norm is not None and norm < rules.entropy_drop:
+                    point["collapse"] = [
+                        f"generation entropy {norm:.3f} × the unedited model's < {rules.entropy_drop:g}"
+                    ]
                 _append(ckpt_log, point)
                 summary.checkpoints.append(point)
                 if on_checkpoint is not None:
                     on_checkpoint(point)
+                if point.get("collapse") and rules.action == "stop":
+                    summary.stopped = point["collapse"][0]
+                    break
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t_start
     return summary
+
+
+def _edit_batch(editor: Any, batch: List[tuple], batch_size: int, log: Callable, summary: RunSummary) -> List[tuple]:
+    """Edit one batch; logs skipped and refused records, returns ``(entry, record)`` of applied ones."""
+    try:
+        report = editor.edit([record for _, _, record in batch], batch_size=batch_size)
+        results = list(zip(batch, report.records))
+    except ValueError:
+        # one record failed the editor's own checks (nothing was written): edit them one by one
+        results = []
+        for item in batch:
+            try:
+                results.append((item, editor.edit(item[2]).records[0]))
+            except ValueError as exc:
+                summary.skipped += 1
+                log({"case_id": item[1], "index": item[0], "status": "skipped", "reason": str(exc)})
+    applied = []
+    for (index, cid, _), rec in results:
+        entry: Dict[str, Any] = {"case_id": cid, "index": index}
+        entry.update({k: v for k, v in asdict(rec).items() if k not in ("losses",)})
+        entry["final_loss"] = rec.losses[-1] if rec.losses else None
+        if rec.applied:
+            applied.append((entry, rec))
+        else:
+            summary.refused += 1
+            log(entry)
+    return applied
 
 
 def _first_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
@@ -249,25 +326,59 @@ def _locality_baseline(model, tok, records, sample: int, seed: int) -> List[tupl
     return [(p, greedy_complete(model, tok, p, max_new_tokens=1)) for p in picked]
 
 
-def _measure(editor, records, done_ids, ppl_texts, locality, sample: int, seed: int) -> Dict[str, Any]:
-    """Retention (top-1 efficacy of a sample of the edits so far), specificity and perplexity."""
-    model, tok = editor.model, editor.tokenizer
-    out: Dict[str, Any] = {"time": time.time()}
-    by_id = {str(_case_id(r, i)): r for i, r in enumerate(records)}
-    done = [by_id[str(c)] for c in done_ids if str(c) in by_id]
-    if done:
-        rng = random.Random(seed + len(done))
-        picked = rng.sample(done, min(sample, len(done)))
-        reqs = [parse_requests([r])[0] for r in picked]
-        scores = score_targets(model, tok, [q.text for q in reqs], [q.target_text() for q in reqs])
-        out["retention"] = sum(s.is_top for s in scores) / len(scores)
-        out["retention_n"] = len(scores)
-    if locality:
-        kept = [greedy_complete(model, tok, p, max_new_tokens=1) == first for p, first in locality]
-        out["specificity"] = sum(kept) / len(kept)
-    if ppl_texts:
-        out["ppl"] = mean_perplexity(model, tok, list(ppl_texts))
-    return out
+@dataclass
+class Probes:
+    """What a checkpoint measures, and the unedited model's reference answers."""
+
+    ppl_texts: List[str]
+    wikitext_texts: List[str]
+    fluency_prompts: List[str]
+    sample: int
+    seed: int
+    prefixes: List[str] = field(default_factory=list)
+    locality: List[tuple] = field(default_factory=list)
+    base_entropy: Optional[float] = None
+
+    def measure(self, editor: Any, records: Sequence[Any], done_ids: Sequence[Any]) -> Dict[str, Any]:
+        """Retention of a sample of the edits so far (top-1 and efficacy score), specificity,
+        perplexities and generation entropy."""
+        model, tok = editor.model, editor.tokenizer
+        out: Dict[str, Any] = {"time": time.time()}
+        by_id = {str(_case_id(r, i)): r for i, r in enumerate(records)}
+        done = [by_id[str(c)] for c in done_ids if str(c) in by_id]
+        if done:
+            rng = random.Random(self.seed + len(done))
+            picked = rng.sample(done, min(self.sample, len(done)))
+            reqs = [parse_requests([r])[0] for r in picked]
+            out["retention_n"] = len(reqs)
+            variants = [("", [q.text for q in reqs])]
+            if self.prefixes:
+                # one test-time prefix per edit, in turn, so the prefixed figure costs one more pass
+                texts = [prefixed(self.prefixes[i % len(self.prefixes)], q.text) for i, q in enumerate(reqs)]
+                variants.append(("_prefixed", texts))
+            for suffix, texts in variants:
+                new = score_targets(model, tok, texts, [q.target_text() for q in reqs])
+                out["retention" + suffix] = sum(s.is_top for s in new) / len(new)
+                pairs = [(t, s, q) for t, s, q in zip(texts, new, reqs) if q.target_true]
+                if pairs:
+                    true = score_targets(
+                        model, tok, [t for t, _, _ in pairs], [" " + q.target_true.strip() for _, _, q in pairs]
+                    )
+                    wins = sum(s.mean_nll < t.mean_nll for (_, s, _), t in zip(pairs, true))
+                    out["retention_score" + suffix] = wins / len(pairs)
+        if self.locality:
+            kept = [greedy_complete(model, tok, p, max_new_tokens=1) == first for p, first in self.locality]
+            out["specificity"] = sum(kept) / len(kept)
+        if self.ppl_texts:
+            out["ppl"] = mean_perplexity(model, tok, self.ppl_texts)
+        if self.wikitext_texts:
+            out["wikitext_ppl"] = mean_perplexity(model, tok, self.wikitext_texts)
+        if self.fluency_prompts:
+            texts = generate_for_fluency(model, tok, self.fluency_prompts, seed=self.seed)
+            out["entropy"] = ngram_entropy(texts)
+            if self.base_entropy:
+                out["entropy_norm"] = out["entropy"] / self.base_entropy
+        return out
 
 
 def open_run(model: Any, tokenizer: Any, out_dir: os.PathLike | str, **editor_kwargs: Any) -> Any:

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from fastrome.adapter import ModelAdapter
 from fastrome.config import EditConfig
-from fastrome.keys import input_device
 from fastrome.prompts import ESSENCE_TEMPLATE, edit_prompts, subject_prompt
 from fastrome.requests import EditRequest
-from fastrome.tokens import pad_id, right_pad, target_ids
+from fastrome.runners import make_runner, row_batch
+from fastrome.tokens import pad_id, target_ids
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ValueResult:
     nll: List[float] = field(default_factory=list)
     steps: int = 0
     early_stopped: bool = False
+    runner: str = ""
 
     @property
     def final_target_prob(self) -> float:
@@ -62,6 +63,20 @@ def frozen(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _request_rows(tokenizer: Any, request: EditRequest, templates: Sequence[str]):
+    """(seqs, subject_last, reads per row, target ids) of one request: every context template filled
+    with the request followed by the target minus its last token (reads: the target's positions),
+    then the essence prompt (read: its subject's last token, for the KL term)."""
+    rewrite = edit_prompts(tokenizer, templates, request)
+    essence = subject_prompt(tokenizer, ESSENCE_TEMPLATE, request.subject)
+    tgt = target_ids(tokenizer, request.text, request.target_text())
+    m = len(tgt)
+    seqs = [list(p.ids) + tgt[:-1] for p in rewrite] + [list(essence.ids)]
+    last = [p.last for p in rewrite] + [essence.last]
+    reads = [list(range(len(p.ids) - 1, len(p.ids) - 1 + m)) for p in rewrite] + [[essence.last]]
+    return seqs, last, reads, tgt
+
+
 def optimize_value(
     adapter: ModelAdapter,
     tokenizer: Any,
@@ -70,76 +85,120 @@ def optimize_value(
     templates: Sequence[str],
     cfg: EditConfig,
     on_step: Optional[Callable[[int, float], None]] = None,
+    fast: bool = True,
 ) -> ValueResult:
     """Run the value optimisation for one request at ``layer`` (``cfg`` must be resolved)."""
+    return optimize_values(adapter, tokenizer, layer, [request], templates, cfg, on_step, fast)[0]
+
+
+def optimize_values(
+    adapter: ModelAdapter,
+    tokenizer: Any,
+    layer: int,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    cfg: EditConfig,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    fast: bool = True,
+) -> List[ValueResult]:
+    """Optimise the values of independent ``requests`` at ``layer`` together, all against the current
+    weights: one batch holds every request's prompts and ``δ`` is (len(requests), d_out).
+
+    Each request's loss depends only on its own row of ``δ`` and Adam is elementwise, so every
+    request follows the trajectory it would follow alone (up to floating-point rounding); a request
+    that meets ``early_stop_loss`` is frozen while the others go on. ``fast`` allows the suffix
+    runner (see :mod:`fastrome.runners`). ``on_step(step, mean loss of the active requests)``.
+    """
     if not templates or templates[0] != "{}":
         raise ValueError("templates: the first context template must be the bare '{}'")
-    rewrite = edit_prompts(tokenizer, templates, request)
-    essence = subject_prompt(tokenizer, ESSENCE_TEMPLATE, request.subject)
-    tgt = target_ids(tokenizer, request.text, request.target_text())
-    m, n_rewrite = len(tgt), len(rewrite)
+    if not requests:
+        return []
+    parts = [_request_rows(tokenizer, req, templates) for req in requests]
+    batch = row_batch([(seqs, last, reads) for seqs, last, reads, _ in parts])
+    n_req = len(requests)
+    runner, v_init = make_runner(adapter, layer, batch, pad_id(tokenizer), fast=fast)
+    out_device = v_init.device
 
-    seqs = [list(p.ids) + tgt[:-1] for p in rewrite] + [list(essence.ids)]
-    device = input_device(adapter)
-    ids, mask = right_pad(seqs, pad_id(tokenizer), device)
-    loss_positions = [(r, len(p.ids) - 1 + i) for r, p in enumerate(rewrite) for i in range(m)]
-    kl_position = (n_rewrite, essence.last)
-    target = torch.tensor(tgt * n_rewrite, device=device)
-    rows = torch.arange(n_rewrite + 1)
-    cols = torch.tensor([p.last for p in rewrite] + [essence.last])
+    # Read i of the batch: rewrite reads carry a target token and the weight 1/(m·rows) that makes
+    # the sum the mean over rows of each row's mean token NLL; the essence read feeds the KL term.
+    loss_reads: List[int] = []
+    loss_tokens: List[int] = []
+    loss_weight: List[float] = []
+    loss_group: List[int] = []
+    essence_read: List[int] = []
+    read_no = 0
+    for g, (_, _, reads, tgt) in enumerate(parts):
+        m, rows = len(tgt), len(reads) - 1
+        for _cols in reads[:-1]:
+            for i in range(m):
+                loss_reads.append(read_no)
+                loss_tokens.append(tgt[i])
+                loss_weight.append(1.0 / (m * rows))
+                loss_group.append(g)
+                read_no += 1
+        essence_read.append(read_no)
+        read_no += 1
+    dev = out_device
+    loss_reads_t = torch.tensor(loss_reads, device=dev)
+    loss_tokens_t = torch.tensor(loss_tokens, device=dev)
+    weight_t = torch.tensor(loss_weight, device=dev, dtype=torch.float32)
+    group_t = torch.tensor(loss_group, device=dev)
+    essence_t = torch.tensor(essence_read, device=dev)
 
-    module = adapter.module(layer)
-    out_device = adapter.device(layer)
-    delta = torch.zeros(adapter.d_out, dtype=torch.float32, device=out_device, requires_grad=True)
-    state: dict = {"v_init": None}
-
-    def add_delta(mod, args, output):
-        r, c = rows.to(output.device), cols.to(output.device)
-        if state["v_init"] is None:
-            state["v_init"] = output[0, c[0]].detach().float().clone()
-        shifted = (output[r, c].float() + delta).to(output.dtype)
-        return output.index_put((r, c), shifted)
-
+    delta = torch.zeros(n_req, adapter.d_out, dtype=torch.float32, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    result = ValueResult(v_star=delta, v_init=delta, delta=delta, target_ids=tgt)
+    v_norm = v_init.norm(dim=1)
+    results = [
+        ValueResult(v_star=v_init[g], v_init=v_init[g], delta=v_init[g], target_ids=list(parts[g][3]))
+        for g in range(n_req)
+    ]
+    active = torch.ones(n_req, dtype=torch.bool, device=dev)
     kl_init: Optional[Tensor] = None
-    handle = module.register_forward_hook(add_delta)
-    try:
-        with frozen(adapter.model):
-            for it in range(cfg.v_steps):
-                opt.zero_grad(set_to_none=True)
-                logits = adapter.logits_at(ids, mask, loss_positions + [kl_position])
-                logp = torch.log_softmax(logits, dim=-1)
-                token_lp = logp[: len(loss_positions)].gather(1, target.unsqueeze(1)).squeeze(1)
-                nll = -(token_lp.view(n_rewrite, m).sum(1) / m).mean()
-                kl_lp = logp[-1]
-                if kl_init is None:
-                    kl_init = kl_lp.detach().clone()
-                kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum()
-                v_init = state["v_init"]
-                decay = cfg.v_weight_decay * delta.norm() / v_init.norm() ** 2
-                loss = nll + kl + decay
-                result.losses.append(float(loss.detach()))
-                result.nll.append(float(nll.detach()))
-                if on_step is not None:
-                    on_step(it, result.losses[-1])
-                if result.losses[-1] < cfg.early_stop_loss:
-                    result.early_stopped = True
-                    break
-                if it == cfg.v_steps - 1:
-                    break
-                loss.backward()
-                opt.step()
-                result.steps += 1
-                with torch.no_grad():
-                    limit = cfg.clamp_norm_factor * v_init.norm()
-                    norm = delta.norm()
-                    if norm > limit:
-                        delta.mul_(limit / norm)
-    finally:
-        handle.remove()
+    with frozen(adapter.model):
+        for it in range(cfg.v_steps):
+            opt.zero_grad(set_to_none=True)
+            logits = runner.logits(delta).to(dev)
+            logp = torch.log_softmax(logits, dim=-1)
+            token_lp = logp[loss_reads_t].gather(1, loss_tokens_t[:, None]).squeeze(1)
+            nll = torch.zeros(n_req, device=dev).index_add(0, group_t, -token_lp * weight_t)
+            kl_lp = logp[essence_t]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(1)
+            decay = cfg.v_weight_decay * delta.norm(dim=1) / v_norm**2
+            loss = nll + kl + decay
+            values, nlls = loss.detach().tolist(), nll.detach().tolist()
+            stopping = []
+            for g in range(n_req):
+                if not active[g]:
+                    continue
+                results[g].losses.append(values[g])
+                results[g].nll.append(nlls[g])
+                if values[g] < cfg.early_stop_loss:
+                    results[g].early_stopped = True
+                    stopping.append(g)
+            if on_step is not None:
+                live = [values[g] for g in range(n_req) if active[g]]
+                on_step(it, sum(live) / len(live))
+            if stopping:
+                active[stopping] = False
+            if not bool(active.any()) or it == cfg.v_steps - 1:
+                break
+            kept = delta.detach()[~active].clone()
+            (loss * active).sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = kept  # Adam's momentum would still move frozen rows
+                limit = cfg.clamp_norm_factor * v_norm
+                norm = delta.norm(dim=1)
+                scale = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
+                delta.mul_(torch.where(active, scale, torch.ones_like(scale))[:, None])
+            for g in range(n_req):
+                if active[g]:
+                    results[g].steps += 1
     final = delta.detach().clone()
-    result.v_init = state["v_init"]
-    result.delta = final
-    result.v_star = state["v_init"] + final
-    return result
+    for g, res in enumerate(results):
+        res.delta = final[g].clone()
+        res.v_star = v_init[g] + res.delta
+        res.runner = runner.name
+    return results

@@ -116,3 +116,42 @@ def test_killed_run_resumes_with_nothing_applied_twice(make_tiny, tmp_path):
     first_a = lines(tmp_path / "a" / "checkpoints.jsonl")[0]
     assert points[0]["sentinel_ppl_base"] == first_a["sentinel_ppl_base"]
     assert [p["edits"] for p in points] == [0, 2, 4]
+
+
+def test_batched_run_with_every_probe(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_sequential(
+            ed, RECORDS, tmp_path, every=2, ppl_texts=PPL, wikitext_texts=PPL[::-1], retention_sample=10,
+            fluency_prompts=["The city of", "My favourite"], batch_size=2, test_prefixes=["It rained.", "So"],
+            rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"),
+        )
+    assert summary.applied == 4 and summary.skipped == 2
+    log = lines(tmp_path / "edits.jsonl")
+    assert sorted(e["case_id"] for e in log) == [1, 2, 3, 4, 5, 6]
+    assert {e["batch"] for e in log if e["status"] == "applied"} == {2}
+    points = lines(tmp_path / "checkpoints.jsonl")
+    assert [p["edits"] for p in points] == [0, 2, 4]
+    first, last = points[0], points[-1]
+    assert first["entropy_norm"] == 1.0 and first["entropy_base"] == first["entropy"] > 0
+    assert last["wikitext_ppl"] > 1 and last["entropy"] > 0
+    assert last["entropy_norm"] == pytest.approx(last["entropy"] / first["entropy"])
+    for name in ("retention", "retention_score", "retention_prefixed", "retention_score_prefixed"):
+        assert 0 <= last[name] <= 1, name
+
+
+def test_entropy_drop_stops_the_run(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_sequential(
+            ed, RECORDS, tmp_path, every=2, fluency_prompts=["The city of"], retention_sample=10,
+            rules=CollapseRules(sentinel_ppl_ratio=1e9, entropy_drop=1e9, action="stop"),
+        )
+    assert summary.stopped and "generation entropy" in summary.stopped
+    points = lines(tmp_path / "checkpoints.jsonl")
+    assert [p["edits"] for p in points] == [0, 2] and "generation entropy" in points[-1]["collapse"][0]
+    assert len(ed.journal) == 2

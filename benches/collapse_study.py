@@ -1,0 +1,113 @@
+"""Thousands of sequential edits on SmolLM2 over CounterFact dev records, in one key mode.
+
+    python benches/collapse_study.py --mode consistent --edits 1000 --out benches/results/collapse/consistent
+    python benches/collapse_study.py --mode original --edits 1000 --out benches/results/collapse/original
+
+Every record goes through :func:`fastrome.sequential.run_sequential` (collapse rules on ``record``:
+flagged, never rescued, so the curves show what the mode does). Every ``--every`` edits it measures
+retention (top-1 and efficacy score, with and without a test-time prefix) over a sample of the edits
+so far, specificity, ME-PPL_50 and WikiText-2 perplexity and the n-gram entropy of sampled
+generations. The run is resumable: start the same command again after an interruption; ``run.json``
+accumulates the wall time of every session. Plots: ``fastrome eval --plot OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(os.environ.get("FASTROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def wikitext_paragraphs(path: Path, n: int, seed: int = 0) -> list:
+    """``n`` WikiText-2 test paragraphs of 400–1,500 characters (headings and short lines left out)."""
+    paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n")]
+    paras = [p for p in paras if 400 <= len(p) <= 1500 and not p.startswith("=")]
+    return random.Random(seed).sample(paras, min(n, len(paras)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("consistent", "original", "prompt"), default="consistent")
+    ap.add_argument("--edits", type=int, default=1000, help="records to take from CounterFact dev")
+    ap.add_argument("--start", type=int, default=0, help="index of the first record")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--retention-sample", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--fluency-prompts", type=int, default=6)
+    ap.add_argument("--wikitext", type=int, default=24, help="WikiText-2 paragraphs for perplexity")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    import fastrome
+    from fastrome.evaluation.prefixes import test_prefixes
+    from fastrome.models import load_model
+    from fastrome.sequential import CollapseRules, open_run, run_sequential
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = json.loads((DATA / "counterfact" / "counterfact_dev.json").read_text())
+    records = records[args.start : args.start + args.edits]
+    ppl = [r["Text"] for r in json.loads((DATA / "me_ppl" / "ME-PPL_50.json").read_text())]
+    wiki = wikitext_paragraphs(DATA / "corpus" / "wiki.test.raw", args.wikitext)
+    full = json.loads((DATA / "counterfact" / "counterfact_full_dev.json").read_text())
+    fluency = [r["generation_prompts"][0] for r in full[: args.fluency_prompts]]
+
+    model, tok = load_model()
+    prefix_file = out / "test_prefixes.json"
+    if prefix_file.is_file():
+        prefixes = json.loads(prefix_file.read_text())
+    else:  # sampled once from the unedited model, reused by every resumed session
+        prefixes = test_prefixes(model, tok, n=5, length=5, seed=0)
+        prefix_file.write_text(json.dumps(prefixes, indent=1))
+    editor = open_run(model, tok, out, mode=args.mode, progress=False)
+
+    run_file = out / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {"sessions": []}
+    session = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "edits_before": len(editor.journal),
+        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "fastrome": fastrome.__version__,
+        "python": sys.version.split()[0],
+    }
+    run.update(mode=args.mode, records=len(records), start=args.start, every=args.every, batch_size=args.batch_size,
+               layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
+    t0 = time.perf_counter()
+
+    def save(point=None):
+        session["seconds"] = time.perf_counter() - t0
+        session["edits_after"] = len(editor.journal)
+        run["sessions"] = [s for s in run["sessions"] if s.get("started") != session["started"]] + [session]
+        run["wall_seconds"] = sum(s.get("seconds", 0.0) for s in run["sessions"])
+        tmp = run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        os.replace(tmp, run_file)
+        if point is not None:
+            shown = {k: round(v, 4) for k, v in point.items() if isinstance(v, float) and k != "time"}
+            print(f"[{time.strftime('%H:%M:%S')}] edits {point.get('edits')}: {shown}", flush=True)
+
+    summary = run_sequential(
+        editor, records, out, every=args.every, ppl_texts=ppl, wikitext_texts=wiki, fluency_prompts=fluency,
+        test_prefixes=prefixes, retention_sample=args.retention_sample, batch_size=args.batch_size,
+        rules=CollapseRules(action="record"), on_checkpoint=save, progress=True,
+    )
+    save()
+    print(json.dumps({k: v for k, v in vars(summary).items() if k != "checkpoints"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
