@@ -20,7 +20,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,7 +101,9 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastrome", "fastrome.data", "fastrome.kernels"],
+    # every sub-package of fastrome/ (tests/test_wheel_smoke.py imports each from the installed wheel)
+    packages=["fastrome", "fastrome.data", "fastrome.kernels"]
+    + ["fastrome." + p for p in find_packages("fastrome") if p != "data"],
     package_dir={"fastrome": "fastrome", "fastrome.kernels": "kernels"},
     package_data={"fastrome.data": ["*.xz", "NOTICE"]},
     include_package_data=True,

@@ -27,9 +27,12 @@ def main(path: str) -> None:
     stats = [(info, t) for info, t in rows if info["op"] == "stats"]
     if stats:
         render_stats(stats)
+    edits = [(info, t) for info, t in rows if info["op"] == "edit"]
+    if edits:
+        render_edits(edits)
     groups = defaultdict(list)
     for info, t in rows:
-        if info["op"] not in ("ceiling", "stats"):
+        if info["op"] not in ("ceiling", "stats", "edit"):
             groups[(info["op"], tuple(info["shape"]), info.get("dtype", ""))].append((info, t))
     for (op, shape, dtype), items in groups.items():
         ref = next((t for info, t in items if info["impl"] == "reference"), None)
@@ -68,6 +71,26 @@ def render_stats(rows) -> None:
             if 5 in layers and len(layers) == 1 and not info["impl"].startswith("reference"):
                 print(f"|  ↳ projected for 44M tokens | {44e6 / info['tokens'] * t / 60:.1f} min | | |")
         print()
+
+
+def render_edits(rows) -> None:
+    """Per-edit seconds (a round edits ``edits`` records; median round / edits), the phases, steps,
+    peak memory, and the ratio to the reference ROME (published, original keys) of the same run."""
+    info0 = rows[0][0]
+    ref = next((t for info, t in rows if info["impl"] == "reference (original)"), None)
+    print(f"**per edit**, {info0['model']}, layer {info0['layer']}, {info0['edits']} edits per round\n")
+    print("| implementation | s / edit | edits / s | values s | steps / edit | peak GPU GiB | vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for info, t in sorted(rows, key=lambda it: -it[1]):
+        per = t / info["edits"]
+        vs = f"{ref / t:.2f}×" if ref else "-"
+        peak = f"{info['peak_gib']:.1f} ({info['peak_gib'] / info['weights_gib']:.2f}× weights)" if "peak_gib" in info \
+            else "-"
+        values = info.get("phases", {}).get("values")
+        values_s = f"{values:.2f}" if values is not None else "-"
+        print(f"| {info['impl']} | {per:.2f} | {1 / per:.2f} | {values_s} | {info.get('steps_per_edit', 0):.1f} | "
+              f"{peak} | {vs} |")
+    print()
 
 
 if __name__ == "__main__":

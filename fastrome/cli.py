@@ -159,6 +159,157 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_edit(args, DEMO_REQUESTS, probes)
 
 
+def _load_cases(args: argparse.Namespace):
+    from fastrome.evaluation import load_counterfact, load_zsre
+    from fastrome.evaluation.counterfact import read_json_list
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise SystemExit(f"data: {args.data!r} is not a file")
+    kind = args.format
+    if kind == "auto":
+        first = read_json_list(path, "data")[:1]
+        kind = "zsre" if first and isinstance(first[0], dict) and "src" in first[0] and "alt" in first[0] else \
+            "counterfact"
+    limit = None if args.limit is None else args.start + args.limit
+    try:
+        cases = (load_zsre if kind == "zsre" else load_counterfact)(path, limit=limit)
+    except ValueError as exc:
+        raise SystemExit(f"data: {exc}") from None
+    return kind, cases[args.start:], cases.skipped
+
+
+def _text_list(path: Optional[str], flag: str) -> List[str]:
+    """Texts from a .txt (one per line) or a JSON list of strings / objects with 'Text' or 'text'."""
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{flag}: {path!r} is not a file")
+    if p.suffix == ".json":
+        data = json.loads(p.read_text(encoding="utf-8"))
+        texts = [d if isinstance(d, str) else d.get("Text", d.get("text")) for d in data]
+    else:
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise SystemExit(f"{flag}: no texts in {path!r}")
+    return texts
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastrome.evaluation import format_table, summarize, test_prefixes
+
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit: expected a positive number, got {args.limit}")
+    kind, cases, skipped = _load_cases(args)
+    if not cases:
+        raise SystemExit(f"data: no usable cases in {args.data!r} ({len(skipped)} skipped)")
+    model, tok = _load(args)
+    prefixes = test_prefixes(model, tok, n=args.prefixes) if args.prefixes else []
+    if args.sequential:
+        return _eval_sequential(args, model, tok, cases, prefixes)
+    from tqdm.auto import tqdm
+
+    from fastrome.evaluation.single import evaluate_edits
+
+    args.policy = args.policy or "skip"  # a refused edit is scored as it stands
+    editor = _editor(model, tok, args)
+    editor.progress = False
+    out = open(args.out, "w", encoding="utf-8") if args.out else None
+    bar = tqdm(total=len(cases), desc="evaluating", unit="case", disable=args.json)
+
+    def on_case(row: Dict[str, Any]) -> None:
+        if out is not None:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+        bar.update(1)
+
+    try:
+        results = evaluate_edits(editor, cases, edit=not args.no_edit, prefixes=prefixes, fluency=args.fluency,
+                                 on_case=on_case)
+    finally:
+        bar.close()
+        if out is not None:
+            out.close()
+    summary = summarize(results)
+    summary.update(data=args.data, format=kind, skipped=len(skipped), edited=not args.no_edit,
+                   layer=editor.layer, mode=editor.config.mode, stats=editor.stats_source(), prefixes=prefixes)
+    if args.plot:
+        from fastrome.evaluation.plots import plot_cases
+
+        summary["plot"] = str(plot_cases(results, args.plot, title=f"{kind}: {Path(args.data).name}"))
+    if args.json:
+        _print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        _print(format_table(numbers))
+        _print(f"{len(skipped)} bad records skipped; layer {editor.layer}, mode {editor.config.mode}; "
+               f"statistics: {editor.stats_source()}")
+        if args.out:
+            _print(f"per-case results: {args.out}")
+        if args.plot:
+            _print(f"plot: {summary['plot']}")
+    return 0
+
+
+def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes) -> int:
+    from fastrome.sequential import CollapseRules, open_run, run_sequential
+
+    records = []
+    for c in cases:
+        req = c.request.to_dict()
+        neigh = getattr(c, "neighborhood", ())
+        if neigh:
+            req["locality_prompt"] = neigh[0][0]
+        elif getattr(c, "loc", None):
+            req["locality_prompt"] = c.loc
+        records.append(req)
+    overrides = {"layer": args.layer, "mode": args.mode, "policy": args.policy or "skip", "stats_tokens": args.tokens}
+    editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
+                      **{k: v for k, v in overrides.items() if v is not None})
+    summary = run_sequential(
+        editor, records, args.sequential, every=args.every, ppl_texts=_text_list(args.ppl_texts, "--ppl-texts"),
+        wikitext_texts=_text_list(args.wikitext, "--wikitext"), test_prefixes=prefixes,
+        rules=CollapseRules(action=args.on_collapse), batch_size=args.batch_size, progress=not args.json,
+    )
+    files = []
+    if args.plot:
+        from fastrome.evaluation.plots import plot_runs
+
+        files = plot_runs({Path(args.sequential).name: args.sequential}, Path(args.sequential) / "plots")
+    out = {k: v for k, v in vars(summary).items() if k != "checkpoints"}
+    out["last_checkpoint"] = summary.checkpoints[-1] if summary.checkpoints else None
+    out["plots"] = [str(f) for f in files]
+    if args.json:
+        _print(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+    else:
+        _print(f"applied {summary.applied}, skipped {summary.skipped}, refused {summary.refused}, "
+               f"undone {summary.undone} in {summary.seconds:.0f} s" + (f"; stopped: {summary.stopped}"
+                                                                         if summary.stopped else ""))
+        if out["last_checkpoint"]:
+            shown = {k: round(v, 4) for k, v in out["last_checkpoint"].items() if isinstance(v, float) and k != "time"}
+            _print(f"last checkpoint: {shown}")
+        for f in files:
+            _print(f"plot: {f}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fastrome.evaluation.plots import plot_runs
+
+    labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise SystemExit(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    try:
+        files = plot_runs(dict(zip(labels, args.runs)), args.out, title=args.title)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    for f in files:
+        _print(str(f))
+    return 0
+
+
 def parse_layers(spec: Optional[str], n_layers: int, default: int) -> List[int]:
     """``"3,5"``, ``"3-8"``, ``"all"`` or None (the default layer) → sorted layer indices."""
     if not spec:
@@ -386,6 +537,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted pass from its checkpoint (default: yes)")
     p.add_argument("--out", default=None, help="also write the statistics to this file or folder")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("eval", help="evaluate edits on CounterFact or zsRE (one edit per case, or a sequential run)",
+                       description="Without --sequential: every case is edited, scored with ROME's metrics and "
+                       "undone, so each starts from the same model. With --sequential DIR: the cases are applied one "
+                       "after another (resumable from DIR) with periodic retention, specificity and perplexity.")
+    _common_model_args(p)
+    _edit_args(p)
+    p.add_argument("data", help="CounterFact (ROME or MEND layout) or zsRE JSON file")
+    p.add_argument("--format", choices=("auto", "counterfact", "zsre"), default="auto")
+    p.add_argument("--limit", type=int, default=None, help="evaluate this many cases")
+    p.add_argument("--start", type=int, default=0, help="first case (index into the file's usable cases)")
+    p.add_argument("--no-edit", action="store_true", help="score the unedited model")
+    p.add_argument("--prefixes", type=int, default=0, help="also score with this many test-time prefixes")
+    p.add_argument("--fluency", type=int, default=0,
+                   help="n-gram entropy of this many sampled generations per case (CounterFact ROME layout)")
+    p.add_argument("--out", default=None, help="per-case results as JSON lines")
+    p.add_argument("--plot", nargs="?", const="eval.png", default=None,
+                   help="write PNG plots (a file for per-case runs, default eval.png; DIR/plots for --sequential)")
+    p.add_argument("--sequential", metavar="DIR", default=None, help="apply the cases in order; logs in DIR")
+    p.add_argument("--every", type=int, default=50, help="checkpoint interval of a sequential run")
+    p.add_argument("--batch-size", type=int, default=1, help="batched mode of a sequential run")
+    p.add_argument("--ppl-texts", default=None, help="texts for perplexity (e.g. ME-PPL_50.json)")
+    p.add_argument("--wikitext", default=None, help="held-out texts for a second perplexity (one per line)")
+    p.add_argument("--on-collapse", choices=("stop", "undo", "record"), default="undo")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="plot sequential runs (checkpoints and per-edit figures) as PNG")
+    p.add_argument("runs", nargs="+", help="run folders (with checkpoints.jsonl / edits.jsonl)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--labels", default=None, help="comma-separated labels, one per run")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("info", help="versions, build, and which backend serves each op")
     p.add_argument("--json", action="store_true")

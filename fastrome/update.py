@@ -74,7 +74,7 @@ def plan(
     denom = float(denom_t)
     current = torch.mv(weight32, key)
     if bias is not None:
-        current = current + bias.to(device=device, dtype=torch.float32)
+        current = current + bias.detach().to(device=device, dtype=torch.float32)
     lam = ((v_star - current).to(torch.float64) / denom).to(torch.float32)
     update_norm = float(lam.double().norm() * u.double().norm())
     weight_norm = float(weight32.norm())

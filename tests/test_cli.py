@@ -92,3 +92,67 @@ def test_edit_bad_input_exits_with_a_clear_message(argv, message):
 def test_unknown_model_path(capsys):
     with pytest.raises(ValueError, match="model:"):
         main(["stats", "--model", "/no/such/model", "--device", "cpu"])
+
+
+def _cf_file(tmp_path):
+    def rec(i, subject, prompt, new, true):
+        return {"case_id": i, "requested_rewrite": {"prompt": prompt, "subject": subject, "target_new": {"str": new},
+                "target_true": {"str": true}}, "rephrase_prompt": prompt.replace("{}", subject) + " indeed",
+                "locality_prompt": "The Louvre is located in", "locality_ground_truth": "Paris"}
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([
+        rec(1, "The Eiffel Tower", "{} is located in", "Rome", "Paris"),
+        rec(2, "LeBron James", "{} plays the sport of", "chess", "basketball"),
+        rec(3, "Rome", "{} is the capital of", "Italy", "Italy"),  # bad: new == true
+        {"case_id": 4, "requested_rewrite": {"prompt": "{} plays"}},  # bad: fields missing
+    ]))
+    return path
+
+
+def test_eval_edits_each_case(capsys, model_dir, tmp_path):
+    data, rows = _cf_file(tmp_path), tmp_path / "cases.jsonl"
+    code, out = run(capsys, "eval", str(data), "--model", str(model_dir), "--layer", "1", "--stats", "identity",
+                    "--out", str(rows), "--prefixes", "2", "--plot", str(tmp_path / "eval.png"), "--json",
+                    "--device", "cpu")
+    summary = json.loads(out)
+    assert code == 0 and summary["n_cases"] == 2 and summary["format"] == "counterfact"
+    assert summary["edited"] and len(summary["prefixes"]) == 2
+    for key in ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_score_prefixed"):
+        assert 0 <= summary[key] <= 1, key
+    cases = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert [c["case_id"] for c in cases] == [1, 2] and all(c["edit_status"] == "applied" for c in cases)
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+    code, out = run(capsys, "eval", str(data), "--model", str(model_dir), "--no-edit", "--json", "--device", "cpu",
+                    "--limit", "1")
+    unedited = json.loads(out)
+    assert code == 0 and unedited["n_cases"] == 1 and not unedited["edited"]
+
+
+def test_eval_sequential_and_plot(capsys, model_dir, tmp_path):
+    data, run_dir, ppl = _cf_file(tmp_path), tmp_path / "run", tmp_path / "ppl.txt"
+    ppl.write_text("The cat sat on the mat.\nParis is the capital of France.\n")
+    code, out = run(capsys, "eval", str(data), "--model", str(model_dir), "--layer", "1", "--stats", "identity",
+                    "--sequential", str(run_dir), "--every", "1", "--ppl-texts", str(ppl), "--wikitext", str(ppl),
+                    "--on-collapse", "record", "--plot", "--json", "--device", "cpu")
+    result = json.loads(out)
+    assert code == 0 and result["applied"] == 2
+    assert result["last_checkpoint"]["edits"] == 2 and result["last_checkpoint"]["wikitext_ppl"] > 1
+    assert sorted(p.name for p in (run_dir / "plots").glob("*.png")) == ["checkpoints.png", "per_edit.png"]
+    code, out = run(capsys, "plot", str(run_dir), str(run_dir), "--labels", "a,b", "--out", str(tmp_path / "cmp"))
+    assert code == 0 and "checkpoints.png" in out
+    with pytest.raises(SystemExit, match="--labels"):
+        main(["plot", str(run_dir), "--labels", "a,b", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="neither checkpoints.jsonl"):
+        main(["plot", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_eval_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["eval", str(tmp_path / "missing.json")])
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(SystemExit, match="no usable cases"):
+        main(["eval", str(empty)])
+    with pytest.raises(SystemExit, match="--limit"):
+        main(["eval", str(empty), "--limit", "0"])

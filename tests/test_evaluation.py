@@ -364,3 +364,31 @@ def test_unedited_smollm2_counterfact(smollm2):
     s = summarize(results)
     # An unedited model mostly prefers the true answers: low efficacy, high neighbourhood score.
     assert s["efficacy_score"] <= 0.5 and s["neighborhood_score"] >= 0.6
+
+
+def test_one_edit_per_case_restores_the_model_between_cases(make_tiny):
+    import warnings
+
+    from fastrome import Editor
+    from fastrome.evaluation.single import evaluate_edits
+
+    cases = load_counterfact(data_file("counterfact", "counterfact_dev.json"), limit=3)
+    kw = dict(stats="identity", layer=1, cache_dir=False, v_steps=3, template_lengths=((3, 2),), policy="skip")
+    model, tok = make_tiny("llama-bytelevel")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ed = Editor(model, tok, **kw)
+        ed._templates = ["{}", "It rained. {}"]
+        rows = evaluate_edits(ed, cases, prefixes=["So it goes."])
+        # the third case evaluated alone on a fresh copy: the same figures, so nothing leaked
+        fresh, _ = make_tiny("llama-bytelevel")
+        alone_ed = Editor(fresh, tok, **kw)
+        alone_ed._templates = ["{}", "It rained. {}"]
+        alone = evaluate_edits(alone_ed, cases[2:], prefixes=["So it goes."])
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    assert [r["edit_status"] for r in rows] == ["applied"] * 3
+    assert {k: v for k, v in rows[2].items() if k != "edit_seconds"} == \
+        {k: v for k, v in alone[0].items() if k != "edit_seconds"}
+    assert "efficacy_score_prefixed" in rows[0] and len(ed.journal) == 0

@@ -1,0 +1,160 @@
+"""PNG plots of sequential runs (:mod:`fastrome.sequential`) and of per-case evaluations.
+
+Needs matplotlib (``pip install fastrome[plot]``); it is imported only when a plot is drawn and
+always with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+PathLike = Union[str, Path]
+
+# (key in checkpoints.jsonl, label); drawn when present in any checkpoint
+CHECKPOINT_PANELS: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
+    ("retention", (("retention_score", "efficacy score"), ("retention", "top-1"),
+                   ("retention_score_prefixed", "efficacy score, prefixed"),
+                   ("retention_prefixed", "top-1, prefixed"))),
+    ("specificity", (("specificity", "locality prompts keeping their answer"),)),
+    ("perplexity", (("ppl", "ME-PPL_50"), ("wikitext_ppl", "WikiText-2"))),
+    ("generation entropy", (("entropy_norm", "n-gram entropy / unedited"),)),
+)
+EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
+    ("denominator_rel", "uᵀk / (‖u‖‖k‖)", True),
+    ("update_ratio", "‖ΔW‖ / ‖W‖", True),
+    ("final_loss", "final value loss", True),
+    ("steps", "optimisation steps", False),
+    ("sentinel_ppl", "sentinel perplexity", True),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'fastrome[plot]' (or matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_jsonl(path: PathLike) -> List[Dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, skipping a torn last line."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_run(run_dir: PathLike) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(checkpoints, per-edit entries of applied edits in order) of a sequential run folder."""
+    run = Path(run_dir)
+    ckpt, edits = run / "checkpoints.jsonl", run / "edits.jsonl"
+    if not ckpt.is_file() and not edits.is_file():
+        raise ValueError(f"run_dir: {str(run)!r} holds neither checkpoints.jsonl nor edits.jsonl")
+    points = read_jsonl(ckpt) if ckpt.is_file() else []
+    entries = [e for e in (read_jsonl(edits) if edits.is_file() else []) if e.get("status") in ("applied", "forced")]
+    return points, entries
+
+
+def _finite(values: Sequence[Any]) -> List[float]:
+    return [float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in values]
+
+
+def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[str] = None) -> List[Path]:
+    """Plot one or more runs (``{label: run folder}``) on shared axes: ``checkpoints.png`` (every
+    tracked checkpoint metric against the number of edits) and ``per_edit.png`` (the per-edit
+    denominator, update norm, loss, steps and sentinel perplexity). Returns the files written."""
+    if not runs:
+        raise ValueError("runs: expected at least one run folder")
+    plt = _pyplot()
+    data = {label: read_run(path) for label, path in runs.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def present(key: str) -> bool:
+        return any(key in point for points, _ in data.values() for point in points)
+
+    panels = [(name, keys) for name, keys in CHECKPOINT_PANELS if any(present(k) for k, _ in keys)]
+    if panels:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+        for ax, (name, keys) in zip(axes[:, 0], panels):
+            for label, (points, _) in data.items():
+                for key, what in keys:
+                    pts = [p for p in points if key in p and "edits" in p]
+                    if pts:
+                        tag = f"{label}: {what}" if len(data) > 1 else what
+                        ax.plot([p["edits"] for p in pts], _finite([p[key] for p in pts]), marker=".", label=tag)
+            ax.set_ylabel(name)
+            if name == "perplexity":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        axes[-1, 0].set_xlabel("edits applied")
+        fig.suptitle(title or "sequential edits")
+        fig.tight_layout()
+        path = out / "checkpoints.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    edit_panels = [p for p in EDIT_PANELS if any(p[0] in e for _, entries in data.values() for e in entries)]
+    if edit_panels:
+        fig, axes = plt.subplots(len(edit_panels), 1, figsize=(8, 2.2 * len(edit_panels)), sharex=True,
+                                 squeeze=False)
+        for ax, (key, what, log) in zip(axes[:, 0], edit_panels):
+            for label, (_, entries) in data.items():
+                ys = _finite([e.get(key) for e in entries])
+                if key == "denominator_rel":
+                    ys = [abs(y) for y in ys]
+                ax.plot(range(1, len(ys) + 1), ys, lw=0.6, label=label)
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(what, fontsize=8)
+            ax.grid(alpha=0.3)
+            if len(data) > 1:
+                ax.legend(fontsize=7, loc="best")
+        axes[-1, 0].set_xlabel("edit number")
+        fig.suptitle(title or "per edit")
+        fig.tight_layout()
+        path = out / "per_edit.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_cases(results: Sequence[Mapping[str, Any]], path: PathLike, title: Optional[str] = None) -> Path:
+    """Per-case evaluation figures (one edit per case): each ``*_score`` as a running mean over cases."""
+    if not results:
+        raise ValueError("results: expected at least one per-case result")
+    plt = _pyplot()
+    keys = [k for k in results[0] if k.endswith("_score") or k.endswith("_score_prefixed") or k == "locality_top1"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for key in keys:
+        vals = _finite([r.get(key) for r in results])
+        running, total, n = [], 0.0, 0
+        for v in vals:
+            if not math.isnan(v):
+                total, n = total + v, n + 1
+            running.append(total / n if n else math.nan)
+        ax.plot(range(1, len(running) + 1), running, label=key)
+    ax.set_xlabel("cases")
+    ax.set_ylabel("running mean")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "per-case evaluation")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
