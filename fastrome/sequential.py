@@ -2,9 +2,12 @@
 health, acts on collapse, and resumes through the editor's journal.
 
 Per edit it records the denominator, ``‖ΔW‖/‖W‖``, the final loss and the optimisation steps; after
-each edit it checks the cheap collapse signals (the update-norm spike, the perplexity of a few
-sentinel texts) and every ``every`` edits it measures retention (top-1 efficacy of a sample of the
-edits made so far), specificity (locality prompts that keep their pre-edit answer) and perplexity.
+each edit (each batch in batched mode) it checks the cheap collapse signals (the update-norm spike,
+the perplexity of a few sentinel texts) and every ``every`` edits it measures retention (top-1 and
+efficacy score of a sample of the edits made so far, with and without a test-time prefix),
+specificity (locality prompts that keep their pre-edit answer), perplexity on two text sets
+(ME-PPL, WikiText-2) and the n-gram entropy of sampled generations relative to the unedited model's
+(whose drop is the third collapse signal).
 Records that cannot be edited (missing fields, the new target equal to the true one, the subject
 absent from the prompt) are reported and skipped: a 10,000-record run never stops for bad data.
 

@@ -8,6 +8,10 @@ essence prompt's subject token, plus ``weight_decay``·‖δ‖/‖v_init‖². 
 loss drops below ``early_stop_loss`` or the step budget is spent; after each step δ is projected
 into the ball of radius ``clamp_norm_factor``·‖v_init‖. ``v_init`` is the MLP output at the
 unprefixed prompt.
+
+The model is evaluated by a runner (:mod:`fastrome.runners`): by default the suffix fast path,
+which runs only the layers above the edited one on the tokens from the subject's last token on.
+Several requests can be optimised in one batch (:func:`optimize_values`), each with its own ``δ``.
 """
 
 from __future__ import annotations
