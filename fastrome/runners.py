@@ -57,6 +57,19 @@ class RowBatch:
     reads: List[Tuple[int, int]]
     n_groups: int
 
+    def rows_of(self, groups: Sequence[int]) -> List[int]:
+        keep = set(groups)
+        return [r for r, g in enumerate(self.group) if g in keep]
+
+    def subset(self, groups: Sequence[int]) -> "RowBatch":
+        """The rows of ``groups`` only (group ids and read order kept, rows renumbered)."""
+        rows = self.rows_of(groups)
+        new_row = {r: i for i, r in enumerate(rows)}
+        return RowBatch(
+            [self.seqs[r] for r in rows], [self.subject_last[r] for r in rows], [self.group[r] for r in rows],
+            [(new_row[r], c) for r, c in self.reads if r in new_row], self.n_groups,
+        )
+
 
 class FullRunner:
     """Whole-model forward at every step; ``δ`` added by a forward hook on the edited module."""
@@ -64,14 +77,13 @@ class FullRunner:
     name = "full"
 
     def __init__(self, adapter: ModelAdapter, layer: int, batch: RowBatch, pad: int):
-        self.adapter, self.layer, self.batch = adapter, layer, batch
+        self.adapter, self.layer, self.batch, self.pad = adapter, layer, batch, pad
         device = input_device(adapter)
         self.ids, self.mask = right_pad(batch.seqs, pad, device)
         out_device = adapter.device(layer)
         self.rows = torch.arange(len(batch.seqs), device=out_device)
         self.cols = torch.tensor(batch.subject_last, device=out_device)
         self.group = torch.tensor(batch.group, device=out_device)
-        self.first_row = [batch.group.index(g) for g in range(batch.n_groups)]
 
     @torch.no_grad()
     def start(self) -> Tensor:
@@ -86,7 +98,7 @@ class FullRunner:
             self._run()
         finally:
             handle.remove()
-        return store["v"][self.first_row].clone()
+        return store["v"][_first_rows(self.batch)].clone()
 
     def logits(self, delta: Tensor) -> Tensor:
         """Logits (len(reads), vocab) fp32 with ``delta`` (n_groups, d_out) fp32 added."""
@@ -103,6 +115,10 @@ class FullRunner:
 
     def _run(self) -> Tensor:
         return self.adapter.logits_at(self.ids, self.mask, self.batch.reads)
+
+    def select(self, groups: Sequence[int]) -> "FullRunner":
+        """A runner over the rows of ``groups`` only (requests that are done leave the batch)."""
+        return FullRunner(self.adapter, self.layer, self.batch.subset(groups), self.pad)
 
 
 class _RecordingCache:
@@ -125,6 +141,11 @@ class _PrefixCache:
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tuple[Tensor, Tensor]:
         pk, pv = self.prefix[layer_idx]
         return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+
+
+def _first_rows(batch: RowBatch) -> List[int]:
+    """Each request's first row (its unprefixed prompt, where v_init is read)."""
+    return [batch.group.index(g) for g in range(batch.n_groups)]
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -173,7 +194,6 @@ class SuffixRunner:
         params = inspect.signature(self.blocks[0].forward).parameters
         self.cache_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
         self.pad = pad
-        self.first_row = [batch.group.index(g) for g in range(batch.n_groups)]
 
     def _block(self, j: int, h: Tensor, mask: Tensor, pos: Tensor, cache: Any, pe: Tuple[Tensor, Tensor]) -> Tensor:
         out = self.blocks[j](
@@ -249,7 +269,7 @@ class SuffixRunner:
         self.full_reads = (torch.tensor([r for r, _ in b.reads], device=device),
                            torch.tensor([col for _, col in b.reads], device=device))
         self.ids, self.real = ids, real
-        return store["v"][self.first_row].clone()
+        return store["v"][_first_rows(b)].clone()
 
     def _device(self, j: int) -> torch.device:
         return self.blocks[j].input_layernorm.weight.device if hasattr(self.blocks[j], "input_layernorm") else \
@@ -274,6 +294,22 @@ class SuffixRunner:
             h = self._block(j, h, self.mask.to(dev), pos, cache, pe)
         picked = h[self.read_rows.to(h.device), self.read_cols.to(h.device)]
         return self._head(picked)
+
+    def select(self, groups: Sequence[int]) -> "SuffixRunner":
+        """A runner over the rows of ``groups`` only, sharing what :meth:`start` recorded."""
+        rows = self.batch.rows_of(groups)
+        new = object.__new__(SuffixRunner)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "full_hidden"})
+        new.batch = self.batch.subset(groups)
+        idx = torch.tensor(rows, device=self.h_suffix.device)
+        new.h_suffix, new.pos, new.mask = self.h_suffix[idx], self.pos[idx.to(self.pos.device)], \
+            self.mask[idx.to(self.mask.device)]
+        new.prefix = {j: (k[idx.to(k.device)], v[idx.to(v.device)]) for j, (k, v) in self.prefix.items()}
+        new.group = self.group[idx.to(self.group.device)]
+        device = self.read_rows.device
+        new.read_rows = torch.tensor([r for r, _ in new.batch.reads], device=device)
+        new.read_cols = torch.tensor([c - new.batch.subject_last[r] for r, c in new.batch.reads], device=device)
+        return new
 
     @torch.no_grad()
     def check(self) -> Optional[str]:

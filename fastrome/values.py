@@ -95,6 +95,37 @@ def optimize_value(
     return optimize_values(adapter, tokenizer, layer, [request], templates, cfg, on_step, fast)[0]
 
 
+class _LossIndex:
+    """Where each loss term reads in the logits of a batch holding the rows of ``groups``.
+
+    Rewrite reads carry a target token and the weight 1/(m·rows) that makes their sum the mean over
+    rows of each row's mean token NLL; each request's essence read feeds its KL term. Reads are
+    numbered in row order, which is group order, as :class:`~fastrome.runners.RowBatch` lays them out.
+    """
+
+    def __init__(self, parts: Sequence[tuple], groups: Sequence[int], device: torch.device):
+        reads, tokens, weight, group, essence = [], [], [], [], []
+        read_no = 0
+        for g in groups:
+            _, _, row_reads, tgt = parts[g]
+            m, rows = len(tgt), len(row_reads) - 1
+            for _cols in row_reads[:-1]:
+                for i in range(m):
+                    reads.append(read_no)
+                    tokens.append(tgt[i])
+                    weight.append(1.0 / (m * rows))
+                    group.append(g)
+                    read_no += 1
+            essence.append(read_no)
+            read_no += 1
+        self.reads = torch.tensor(reads, device=device)
+        self.tokens = torch.tensor(tokens, device=device)
+        self.weight = torch.tensor(weight, device=device, dtype=torch.float32)
+        self.group = torch.tensor(group, device=device)
+        self.essence = torch.tensor(essence, device=device)
+        self.essence_group = torch.tensor(list(groups), device=device)
+
+
 def optimize_values(
     adapter: ModelAdapter,
     tokenizer: Any,
@@ -110,7 +141,7 @@ def optimize_values(
 
     Each request's loss depends only on its own row of ``δ`` and Adam is elementwise, so every
     request follows the trajectory it would follow alone (up to floating-point rounding); a request
-    that meets ``early_stop_loss`` is frozen while the others go on. ``fast`` allows the suffix
+    that meets ``early_stop_loss`` is frozen and leaves the batch while the others go on. ``fast`` allows the suffix
     runner (see :mod:`fastrome.runners`). ``on_step(step, mean loss of the active requests)``.
     """
     if not templates or templates[0] != "{}":
@@ -121,34 +152,9 @@ def optimize_values(
     batch = row_batch([(seqs, last, reads) for seqs, last, reads, _ in parts])
     n_req = len(requests)
     runner, v_init = make_runner(adapter, layer, batch, pad_id(tokenizer), fast=fast)
-    out_device = v_init.device
 
-    # Read i of the batch: rewrite reads carry a target token and the weight 1/(m·rows) that makes
-    # the sum the mean over rows of each row's mean token NLL; the essence read feeds the KL term.
-    loss_reads: List[int] = []
-    loss_tokens: List[int] = []
-    loss_weight: List[float] = []
-    loss_group: List[int] = []
-    essence_read: List[int] = []
-    read_no = 0
-    for g, (_, _, reads, tgt) in enumerate(parts):
-        m, rows = len(tgt), len(reads) - 1
-        for _cols in reads[:-1]:
-            for i in range(m):
-                loss_reads.append(read_no)
-                loss_tokens.append(tgt[i])
-                loss_weight.append(1.0 / (m * rows))
-                loss_group.append(g)
-                read_no += 1
-        essence_read.append(read_no)
-        read_no += 1
-    dev = out_device
-    loss_reads_t = torch.tensor(loss_reads, device=dev)
-    loss_tokens_t = torch.tensor(loss_tokens, device=dev)
-    weight_t = torch.tensor(loss_weight, device=dev, dtype=torch.float32)
-    group_t = torch.tensor(loss_group, device=dev)
-    essence_t = torch.tensor(essence_read, device=dev)
-
+    dev = v_init.device
+    index = _LossIndex(parts, range(n_req), dev)
     delta = torch.zeros(n_req, adapter.d_out, dtype=torch.float32, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     v_norm = v_init.norm(dim=1)
@@ -163,12 +169,13 @@ def optimize_values(
             opt.zero_grad(set_to_none=True)
             logits = runner.logits(delta).to(dev)
             logp = torch.log_softmax(logits, dim=-1)
-            token_lp = logp[loss_reads_t].gather(1, loss_tokens_t[:, None]).squeeze(1)
-            nll = torch.zeros(n_req, device=dev).index_add(0, group_t, -token_lp * weight_t)
-            kl_lp = logp[essence_t]
-            if kl_init is None:
+            token_lp = logp[index.reads].gather(1, index.tokens[:, None]).squeeze(1)
+            nll = torch.zeros(n_req, device=dev).index_add(0, index.group, -token_lp * index.weight)
+            kl_lp = logp[index.essence]
+            if kl_init is None:  # the first step has every request in the batch
                 kl_init = kl_lp.detach().clone()
-            kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(1)
+            kl_each = (kl_lp.exp() * (kl_lp - kl_init[index.essence_group])).sum(1)
+            kl = cfg.kl_factor * torch.zeros(n_req, device=dev).index_add(0, index.essence_group, kl_each)
             decay = cfg.v_weight_decay * delta.norm(dim=1) / v_norm**2
             loss = nll + kl + decay
             values, nlls = loss.detach().tolist(), nll.detach().tolist()
@@ -188,6 +195,10 @@ def optimize_values(
                 active[stopping] = False
             if not bool(active.any()) or it == cfg.v_steps - 1:
                 break
+            if stopping:  # requests that are done leave the batch: later steps skip their rows
+                live_groups = [g for g in range(n_req) if active[g]]
+                runner = runner.select(live_groups)
+                index = _LossIndex(parts, live_groups, dev)
             kept = delta.detach()[~active].clone()
             (loss * active).sum().backward()
             opt.step()

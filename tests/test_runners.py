@@ -178,3 +178,19 @@ def test_templates_from_the_model_work_with_the_fast_path(make_tiny):
     fast = optimize_value(adapter, tok, 1, req, templates, _cfg(), fast=True)
     full = optimize_value(adapter, tok, 1, req, templates, _cfg(), fast=False)
     torch.testing.assert_close(fast.delta, full.delta, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["full", "suffix"])
+def test_selected_requests_give_their_own_logits(make_tiny, which):
+    model, tok = make_tiny("llama-bytelevel")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter, batch, full, fast, _, _ = _pair(model, tok, 1, REQS)
+    runner = full if which == "full" else fast
+    delta = torch.randn(len(REQS), adapter.d_out, generator=torch.Generator().manual_seed(3))
+    everything = runner.logits(delta)
+    keep = [0, 2]
+    picked = [i for i, (r, _) in enumerate(batch.reads) if batch.group[r] in keep]
+    part = runner.select(keep)
+    assert len(part.batch.seqs) < len(batch.seqs)
+    torch.testing.assert_close(part.logits(delta), everything[picked], rtol=1e-5, atol=1e-5)
