@@ -68,6 +68,15 @@ def _finite(values: Sequence[Any]) -> List[float]:
     return [float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in values]
 
 
+def _finish(plt: Any, fig: Any, axes: Any, xlabel: str, title: str, path: Path) -> Path:
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[str] = None) -> List[Path]:
     """Plot one or more runs (``{label: run folder}``) on shared axes: ``checkpoints.png`` (every
     tracked checkpoint metric against the number of edits) and ``per_edit.png`` (the per-edit
@@ -98,13 +107,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
-        axes[-1, 0].set_xlabel("edits applied")
-        fig.suptitle(title or "sequential edits")
-        fig.tight_layout()
-        path = out / "checkpoints.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(plt, fig, axes, "edits applied", title or "sequential edits", out / "checkpoints.png"))
     edit_panels = [p for p in EDIT_PANELS if any(p[0] in e for _, entries in data.values() for e in entries)]
     if edit_panels:
         fig, axes = plt.subplots(len(edit_panels), 1, figsize=(8, 2.2 * len(edit_panels)), sharex=True,
@@ -121,13 +124,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
             ax.grid(alpha=0.3)
             if len(data) > 1:
                 ax.legend(fontsize=7, loc="best")
-        axes[-1, 0].set_xlabel("edit number")
-        fig.suptitle(title or "per edit")
-        fig.tight_layout()
-        path = out / "per_edit.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(plt, fig, axes, "edit number", title or "per edit", out / "per_edit.png"))
     return written
 
 
