@@ -163,12 +163,25 @@ def run_sequential(
                     list(test_prefixes))
     done = {str(c) for c in editor.done_case_ids()}
     logged = set()
+    logged_applied = set()
     if edits_log.is_file():
         for line in edits_log.read_text(encoding="utf-8").splitlines():
             try:
-                logged.add(str(json.loads(line)["case_id"]))
+                entry = json.loads(line)
+                logged.add(str(entry["case_id"]))
             except (json.JSONDecodeError, KeyError):
                 continue  # a torn line from a killed run
+            if entry.get("status") in ("applied", "forced"):
+                logged_applied.add(str(entry["case_id"]))
+    # The journal is written before the log, so a log line of an applied edit missing from the
+    # journal means the journal is not this run's: going on would edit a model that lacks them.
+    lost = logged_applied - done
+    if lost:
+        raise ValueError(
+            f"out_dir: {out}/edits.jsonl records {len(lost)} applied edits (e.g. case {sorted(lost)[0]}) that the "
+            f"editor's journal ({editor.journal.path}) does not hold; open the run with open_run(model, tok, "
+            f"{str(out)!r}) on the unedited model so the journal is replayed"
+        )
     summary = RunSummary()
     t_start = time.perf_counter()
     # Baselines belong to the model before the run's first edit: a resumed run reads them from the

@@ -155,3 +155,19 @@ def test_entropy_drop_stops_the_run(make_tiny, tmp_path):
     points = lines(tmp_path / "checkpoints.jsonl")
     assert [p["edits"] for p in points] == [0, 2] and "generation entropy" in points[-1]["collapse"][0]
     assert len(ed.journal) == 2
+
+
+def test_a_run_without_its_journal_is_refused(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    go(editor_for(model, tok, tmp_path), tmp_path, RECORDS[:2], rules=CollapseRules(sentinel_ppl_ratio=1e9,
+                                                                                      action="record"))
+    fresh, _ = make_tiny("llama-bytelevel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastrome import Editor
+
+        no_journal = Editor(fresh, tok, **KW)  # journal kept in memory: the run's edits are not in it
+    before = ModelAdapter(fresh).weight(1).detach().clone()
+    with pytest.raises(ValueError, match="does not hold"):
+        go(no_journal, tmp_path, RECORDS, rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    assert torch.equal(ModelAdapter(fresh).weight(1), before)
