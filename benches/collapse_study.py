@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--fluency-prompts", type=int, default=6)
     ap.add_argument("--wikitext", type=int, default=24, help="WikiText-2 paragraphs for perplexity")
+    ap.add_argument("--stats-tokens", type=int, default=None,
+                    help="tokens of the bundled corpus for the key statistics (default: fastrome's)")
     args = ap.parse_args(argv)
 
     import torch
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     else:  # sampled once from the unedited model, reused by every resumed session
         prefixes = test_prefixes(model, tok, n=5, length=5, seed=0)
         prefix_file.write_text(json.dumps(prefixes, indent=1))
-    editor = open_run(model, tok, out, mode=args.mode, progress=False)
+    editor = open_run(model, tok, out, mode=args.mode, progress=False, stats_tokens=args.stats_tokens)
 
     run_file = out / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {"sessions": []}
@@ -83,6 +85,10 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "fastrome": fastrome.__version__,
         "python": sys.version.split()[0],
     }
+    if run.get("stats") and run["stats"] != editor.stats_source():
+        raise SystemExit(f"{out}: this run was made with statistics {run['stats']!r}, not {editor.stats_source()!r}")
+    if run.get("mode") and run["mode"] != args.mode:
+        raise SystemExit(f"{out}: this run is in mode {run['mode']!r}, not {args.mode!r}")
     run.update(mode=args.mode, records=len(records), start=args.start, every=args.every, batch_size=args.batch_size,
                layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
     t0 = time.perf_counter()
