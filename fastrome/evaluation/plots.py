@@ -19,9 +19,10 @@ CHECKPOINT_PANELS: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
                    ("retention_score_prefixed", "efficacy score, prefixed"),
                    ("retention_prefixed", "top-1, prefixed"))),
     ("specificity", (("specificity", "locality prompts keeping their answer"),)),
-    ("perplexity", (("ppl", "ME-PPL_50"), ("wikitext_ppl", "WikiText-2"))),
+    ("perplexity / unedited", (("ppl", "ME-PPL_50"), ("wikitext_ppl", "WikiText-2"))),
     ("generation entropy", (("entropy_norm", "n-gram entropy / unedited"),)),
 )
+LINESTYLES = ("-", "--", ":", "-.")
 EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
     ("denominator_rel", "uᵀk / (‖u‖‖k‖)", True),
     ("update_ratio", "‖ΔW‖ / ‖W‖", True),
@@ -96,15 +97,18 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
     if panels:
         fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
         for ax, (name, keys) in zip(axes[:, 0], panels):
-            for label, (points, _) in data.items():
-                for key, what in keys:
+            # one colour per metric, one line style per run
+            for r, (label, (points, _)) in enumerate(data.items()):
+                for j, (key, what) in enumerate(keys):
                     pts = [p for p in points if key in p and "edits" in p]
-                    if pts:
-                        tag = f"{label}: {what}" if len(data) > 1 else what
-                        ax.plot([p["edits"] for p in pts], _finite([p[key] for p in pts]), marker=".", label=tag)
+                    if not pts:
+                        continue
+                    ys = _finite([p[key] for p in pts])
+                    if name.startswith("perplexity"):  # relative to the run's first (unedited) checkpoint
+                        ys = [y / ys[0] for y in ys] if ys[0] and pts[0]["edits"] == 0 else [math.nan] * len(ys)
+                    tag = f"{label}: {what}" if len(data) > 1 else what
+                    ax.plot([p["edits"] for p in pts], ys, marker=".", color=f"C{j}", ls=LINESTYLES[r % 4], label=tag)
             ax.set_ylabel(name)
-            if name == "perplexity":
-                ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
         written.append(_finish(plt, fig, axes, "edits applied", title or "sequential edits", out / "checkpoints.png"))
@@ -113,11 +117,11 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
         fig, axes = plt.subplots(len(edit_panels), 1, figsize=(8, 2.2 * len(edit_panels)), sharex=True,
                                  squeeze=False)
         for ax, (key, what, log) in zip(axes[:, 0], edit_panels):
-            for label, (_, entries) in data.items():
+            for r, (label, (_, entries)) in enumerate(data.items()):
                 ys = _finite([e.get(key) for e in entries])
                 if key == "denominator_rel":
                     ys = [abs(y) for y in ys]
-                ax.plot(range(1, len(ys) + 1), ys, lw=0.6, label=label)
+                ax.plot(range(1, len(ys) + 1), ys, lw=0.6, color=f"C{r}", label=label)
             if log:
                 ax.set_yscale("log")
             ax.set_ylabel(what, fontsize=8)
