@@ -156,3 +156,15 @@ def test_eval_bad_input(tmp_path):
         main(["eval", str(empty)])
     with pytest.raises(SystemExit, match="--limit"):
         main(["eval", str(empty), "--limit", "0"])
+
+
+def test_eval_detects_zsre(capsys, model_dir):
+    from conftest import data_file
+
+    path = data_file("zsre", "zsre_mend_train-1k.json")
+    code, out = run(capsys, "eval", str(path), "--model", str(model_dir), "--no-edit", "--limit", "3", "--json",
+                    "--device", "cpu")
+    summary = json.loads(out)
+    assert code == 0 and summary["format"] == "zsre" and summary["n_cases"] == 3
+    for key in ("efficacy", "paraphrase", "specificity"):
+        assert 0 <= summary[key] <= 1, key
