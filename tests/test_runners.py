@@ -44,12 +44,16 @@ def test_suffix_pass_equals_whole_model_pass(make_tiny, kind, layer):
     model, tok = make_tiny(kind, layers=4)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapter, batch, full, fast, v_full, v_fast = _pair(model, tok, layer, REQS)
-    # rows of different prefix lengths, including a subject at the very start of a row
+    reqs = REQS + [{"prompt": "{} was born in", "subject": "X", "target_new": "Paris"}]
+    adapter, batch, full, fast, v_full, v_fast = _pair(model, tok, layer, reqs)
+    # rows of different prefix lengths; with no BOS, a one-token subject at the start leaves its
+    # essence row ("X is a") an empty prefix
     assert len(set(batch.subject_last)) > 2
+    if tok.bos_token_id is None or tok("X")["input_ids"][0] != tok.bos_token_id:
+        assert min(batch.subject_last) == 0
     torch.testing.assert_close(v_fast, v_full, rtol=0, atol=0)
     g = torch.Generator().manual_seed(1)
-    delta = (torch.randn(len(REQS), adapter.d_out, generator=g) * 3).requires_grad_(True)
+    delta = (torch.randn(len(reqs), adapter.d_out, generator=g) * 3).requires_grad_(True)
     weights = torch.randn(len(batch.reads), generator=g)
 
     def loss_and_grad(runner):
