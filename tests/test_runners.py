@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from fastrome import Editor
+from fastrome import Editor, runners
 from fastrome.adapter import ModelAdapter
 from fastrome.config import EditConfig
 from fastrome.requests import parse_requests
@@ -78,7 +78,7 @@ def test_first_use_check_accepts_and_remembers(make_tiny):
     adapter = ModelAdapter(model)
     runner, _ = make_runner(adapter, 1, _batch(tok, REQS[:1]), tok.eos_token_id)
     assert isinstance(runner, SuffixRunner) and not hasattr(runner, "full_hidden")
-    assert runner.check is not None
+    assert runners._CHECKED[model] is True  # the check ran on first use and passed
 
 
 def test_mismatch_falls_back_to_whole_model_with_a_warning(make_tiny, monkeypatch):

@@ -159,14 +159,19 @@ def load_counterfact(path: PathLike, limit: Optional[int] = None) -> CounterFact
     Raises:
         ValueError: the file cannot be read or is not a JSON list.
     """
+    return load_cases(path, limit, "CounterFact", lambda record, _: parse_case(record), CounterFactCases())
+
+
+def load_cases(path: PathLike, limit: Optional[int], what: str, parse: Any, out: "CounterFactCases") -> Any:
+    """Parse the first ``limit`` records of a JSON list into ``out``; ``parse(record, index)`` raises
+    ``ValueError`` for a bad record, which is kept in ``out.skipped`` instead of failing the file."""
     check_limit(limit)
-    records = read_json_list(path, "CounterFact")
+    records = read_json_list(path, what)
     if limit is not None:
         records = records[:limit]
-    out = CounterFactCases()
     for i, record in enumerate(records):
         try:
-            out.append(parse_case(record))
+            out.append(parse(record, i))
         except ValueError as exc:
             out.skipped.append((i, str(exc).replace("requests[0]", "record")))
     return out

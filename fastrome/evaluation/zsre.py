@@ -23,10 +23,9 @@ from torch import nn
 from fastrome.evaluation.counterfact import (
     CounterFactCases,
     PathLike,
-    check_limit,
     check_prefixes,
+    load_cases,
     prefixed,
-    read_json_list,
 )
 from fastrome.metrics import score_targets
 from fastrome.requests import EditRequest, parse_requests
@@ -88,17 +87,7 @@ def load_zsre(path: PathLike, limit: Optional[int] = None) -> ZsreCases:
     Raises:
         ValueError: the file cannot be read or is not a JSON list.
     """
-    check_limit(limit)
-    records = read_json_list(path, "zsRE")
-    if limit is not None:
-        records = records[:limit]
-    out = ZsreCases()
-    for i, record in enumerate(records):
-        try:
-            out.append(parse_zsre(record, i))
-        except ValueError as exc:
-            out.skipped.append((i, str(exc).replace("requests[0]", "record")))
-    return out
+    return load_cases(path, limit, "zsRE", parse_zsre, ZsreCases())
 
 
 def loc_prompt(loc: str) -> str:
