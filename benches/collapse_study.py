@@ -32,6 +32,32 @@ def wikitext_paragraphs(path: Path, n: int, seed: int = 0) -> list:
     return random.Random(seed).sample(paras, min(n, len(paras)))
 
 
+def parse_overrides(items: list) -> dict:
+    """``["v_weight_decay=0.5", ...]`` -> ``{"v_weight_decay": 0.5}``, typed by the EditConfig field."""
+    import dataclasses
+
+    from fastrome.config import EditConfig
+
+    fields = {f.name: f for f in dataclasses.fields(EditConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields or name in ("mode", "stats_tokens", "extra"):
+            raise SystemExit(
+                f"--set: expected FIELD=VALUE with an EditConfig field other than mode/stats_tokens, got {item!r}"
+            )
+        default = getattr(EditConfig(), name)
+        if isinstance(default, bool):
+            out[name] = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, int) or name in ("v_steps", "layer"):
+            out[name] = int(text)
+        elif isinstance(default, float) or default is None:
+            out[name] = float(text)
+        else:
+            out[name] = text
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("consistent", "original", "prompt"), default="consistent")
@@ -46,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wikitext", type=int, default=24, help="WikiText-2 paragraphs for perplexity")
     ap.add_argument("--stats-tokens", type=int, default=None,
                     help="tokens of the bundled corpus for the key statistics (default: fastrome's)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="an EditConfig field for this run, e.g. v_weight_decay=0.5 (repeatable)")
     args = ap.parse_args(argv)
 
     import torch
@@ -75,7 +103,8 @@ def main(argv=None) -> int:
     else:  # sampled once from the unedited model, reused by every resumed session
         prefixes = test_prefixes(model, tok, n=5, length=5, seed=0)
         prefix_file.write_text(json.dumps(prefixes, indent=1))
-    editor = open_run(model, tok, out, mode=args.mode, progress=False, stats_tokens=args.stats_tokens)
+    overrides = parse_overrides(args.overrides)
+    editor = open_run(model, tok, out, mode=args.mode, progress=False, stats_tokens=args.stats_tokens, **overrides)
 
     run_file = out / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {"sessions": []}
@@ -89,7 +118,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out}: this run was made with statistics {run['stats']!r}, not {editor.stats_source()!r}")
     if run.get("mode") and run["mode"] != args.mode:
         raise SystemExit(f"{out}: this run is in mode {run['mode']!r}, not {args.mode!r}")
-    run.update(mode=args.mode, records=len(records), start=args.start, every=args.every, batch_size=args.batch_size,
+    if run.get("sessions") and run.get("overrides", {}) != overrides:
+        raise SystemExit(f"{out}: this run was made with --set {run.get('overrides', {})!r}, not {overrides!r}")
+    run.update(mode=args.mode, overrides=overrides, records=len(records), start=args.start, every=args.every,
+               batch_size=args.batch_size,
                layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
     t0 = time.perf_counter()
 
