@@ -369,6 +369,7 @@ class Editor:
         )
         rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
         rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
+        rec.interference = plan.interference
         rec.total_update_ratio = total
         rec.reasons = list(verdict.reasons)
         rec.seconds["solve"] = _now() - t0

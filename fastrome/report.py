@@ -35,6 +35,7 @@ class EditRecord:
     v_init_norm: float = float("nan")
     update_norm: float = float("nan")
     update_ratio: float = float("nan")
+    interference: float = float("nan")  # ‖Λ‖²·uᵀCu: mean squared output change on ordinary keys
     total_update_ratio: float = float("nan")
     target_prob: float = float("nan")
     losses: List[float] = field(default_factory=list)

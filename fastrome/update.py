@@ -30,6 +30,9 @@ class UpdatePlan:
     denom: float  # uᵀkey
     update_norm: float  # ‖Λ uᵀ‖_F = ‖Λ‖·‖u‖
     weight_norm: float  # ‖W‖_F before the update
+    # ‖Λ‖²·uᵀCu = E‖ΔW k‖² over keys whose second moment is C (+ ridge): the mean squared change the
+    # edit makes to the layer's output on ordinary text. Sequential damage grows with its running sum.
+    interference: float = float("nan")
 
     @property
     def update_ratio(self) -> float:
@@ -67,9 +70,10 @@ def plan(
     else:
         u, denom_t = solver.solve(k_mean)
         key = k_mean
-        if mode == "original":
-            key = k_plain
-            denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
+    quad = float(denom_t)  # u = C⁻¹k for the solved key k, so uᵀCu = kᵀu
+    if mode == "original":
+        key = k_plain
+        denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
     u = u.to(device=device, dtype=torch.float32)
     denom = float(denom_t)
     current = torch.mv(weight32, key)
@@ -78,7 +82,9 @@ def plan(
     lam = ((v_star - current).to(torch.float64) / denom).to(torch.float32)
     update_norm = float(lam.double().norm() * u.double().norm())
     weight_norm = float(weight32.norm())
-    return UpdatePlan(u=u, lam=lam, key=key, denom=denom, update_norm=update_norm, weight_norm=weight_norm)
+    interference = float(lam.double().square().sum()) * quad
+    return UpdatePlan(u=u, lam=lam, key=key, denom=denom, update_norm=update_norm, weight_norm=weight_norm,
+                      interference=interference)
 
 
 def write(weight: Tensor, p: UpdatePlan, min_denom: float, master: Optional[Tensor]) -> bool:

@@ -78,6 +78,12 @@ def test_update_algebra_in_every_mode(tiny, mode):
     if mode == "consistent":
         assert art.denom > 0  # k̄ᵀC⁻¹k̄ of an SPD C
 
+    # interference: the realised change's mean squared output over keys of second moment C + ridge
+    M = C.double() + ridge * torch.eye(C.shape[0], dtype=torch.float64)
+    dW = w1 - w0
+    expected = float(torch.trace(dW @ M @ dW.T))
+    assert math.isclose(report[0].interference, expected, rel_tol=1e-3), (report[0].interference, expected)
+
     # the edited matrix maps the mode's key to v* (to fp32 precision)
     assert rel_err(w1 @ k_den.double() + b, art.v_star) < 1e-5
 

@@ -26,6 +26,7 @@ LINESTYLES = ("-", "--", ":", "-.")
 EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
     ("denominator_rel", "uᵀk / (‖u‖‖k‖)", True),
     ("update_ratio", "‖ΔW‖ / ‖W‖", True),
+    ("interference", "‖Λ‖²·uᵀCu", True),
     ("final_loss", "final value loss", True),
     ("steps", "optimisation steps", False),
     ("sentinel_ppl", "sentinel perplexity", True),

@@ -1,0 +1,80 @@
+"""How perplexity depends on the size of the accumulated updates: replay a run's journal scaled.
+
+    python benches/journal_scaling.py benches/results/collapse/consistent --counts 100,193 \
+        --scales 1,0.5,0.25 --out benches/results/collapse/journal_scaling.json
+
+For each count N and scale α the edited layer is set to W₀ + α·Σᵢ₌₁..ᴺ Λᵢuᵢᵀ (the run's first N
+rank-one factors, all scaled by α) and ME-PPL_50 and the WikiText-2 paragraphs of the collapse study
+are measured. α = 1 reproduces the run's own checkpoints; smaller α shows what gentler edits (a
+smaller residual v* − Wk, hence smaller Λ) would have cost over the same N edits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from collapse_study import DATA, wikitext_paragraphs  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a collapse-study folder (its journal/ is read)")
+    ap.add_argument("--counts", default="100", help="comma-separated numbers of edits")
+    ap.add_argument("--scales", default="1,0.5,0.25", help="comma-separated scales α")
+    ap.add_argument("--wikitext", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from fastrome.adapter import ModelAdapter
+    from fastrome.journal import Journal
+    from fastrome.metrics import mean_perplexity
+    from fastrome.models import load_model
+
+    model, tok = load_model()
+    ppl_texts = [r["Text"] for r in json.loads((DATA / "me_ppl" / "ME-PPL_50.json").read_text())]
+    wiki = wikitext_paragraphs(DATA / "corpus" / "wiki.test.raw", args.wikitext)
+    entries = Journal(Path(args.run) / "journal").entries
+    if not entries:
+        raise SystemExit(f"{args.run}: the journal holds no edits")
+    layers = {e.layer for e in entries}
+    if len(layers) != 1:
+        raise SystemExit(f"{args.run}: edits at several layers {sorted(layers)}; expected one")
+    weight = ModelAdapter(model).weight(layers.pop())
+    w0 = weight.detach().clone()
+    rows = []
+    for n in [int(c) for c in args.counts.split(",")]:
+        if not 0 < n <= len(entries):
+            raise SystemExit(f"--counts: {n} is not in 1..{len(entries)} (edits in the journal)")
+        U = torch.stack([e.u for e in entries[:n]])
+        L = torch.stack([e.lam for e in entries[:n]])
+        total = L.T @ U  # Σ Λᵢuᵢᵀ, (d_out, d_in)
+        for alpha in [float(s) for s in args.scales.split(",")]:
+            with torch.no_grad():
+                weight.copy_((w0.float() + alpha * total).to(weight.dtype))
+            row = {"edits": n, "scale": alpha, "ppl": mean_perplexity(model, tok, ppl_texts),
+                   "wikitext_ppl": mean_perplexity(model, tok, wiki),
+                   "change_ratio": float((alpha * total).norm() / w0.float().norm())}
+            rows.append(row)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    with torch.no_grad():
+        weight.copy_(w0)
+        base = {"ppl": mean_perplexity(model, tok, ppl_texts), "wikitext_ppl": mean_perplexity(model, tok, wiki)}
+    print(json.dumps({"unedited": base}), flush=True)
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "run": str(args.run)}
+        Path(args.out).write_text(json.dumps({"meta": meta, "unedited": base, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
