@@ -1,0 +1,94 @@
+"""Markdown summary of collapse-study runs: checkpoints, and per-edit figures split by prompt shape.
+
+    python benches/collapse_report.py benches/results/collapse/consistent_gentle \
+        benches/results/collapse/original_gentle > benches/results/collapse/summary.md
+
+For every run folder (``collapse_study.py --out``): its settings and wall time, a table of the
+checkpoints (perplexities relative to the unedited model, retention with and without a test-time
+prefix, specificity, generation entropy), and the per-edit denominator cosine uᵀk/(‖u‖‖k‖),
+‖ΔW‖/‖W‖ and interference ‖Λ‖²·uᵀCu for subject-first prompts (the subject is the prompt's first
+token, where unprefixed keys are unlike the prefixed ones) against the others.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def _jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
+
+
+def _pct(value: float, base: float) -> str:
+    return f"{value:.1f} ({100 * (value / base - 1):+.0f}%)"
+
+
+def _spread(values: list, digits: int = 3) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
+
+
+def report(run_dir: Path) -> str:
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    points = _jsonl(run_dir / "checkpoints.jsonl")
+    edits = _jsonl(run_dir / "edits.jsonl")
+    applied = [e for e in edits if e.get("status") in ("applied", "forced")]
+    lines = [f"## {run_dir.name}", ""]
+    secs = [sum(e["seconds"].values()) for e in applied if "seconds" in e]
+    if not run:
+        return "\n".join(lines + ["no run.json yet: the run has not reached its first checkpoint."])
+    lines.append(
+        f"mode `{run.get('mode')}`, settings {run.get('overrides') or 'defaults'}, statistics: {run.get('stats')}; "
+        f"{len(applied)} edits applied, {len(edits) - len(applied)} not; "
+        f"wall time {run.get('wall_seconds', 0) / 3600:.2f} h over {len(run.get('sessions', []))} session(s), "
+        f"median {statistics.median(secs) if secs else float('nan'):.1f} s per edit."
+    )
+    base = next((p for p in points if p.get("edits") == 0), None)
+    if base and len(points) > 1:
+        lines += ["", "| edits | ME-PPL_50 | WikiText-2 | retention score / top-1 | prefixed score / top-1 "
+                  "| specificity | entropy / unedited |", "|---|---|---|---|---|---|---|"]
+        for p in points:
+            if p.get("edits") == 0:
+                continue
+            g = {k: p.get(k, float("nan")) for k in ("retention_score", "retention", "retention_score_prefixed",
+                                                     "retention_prefixed", "specificity", "entropy_norm")}
+            lines.append(
+                f"| {p['edits']} | {_pct(p['ppl'], base['ppl'])} | {_pct(p['wikitext_ppl'], base['wikitext_ppl'])} "
+                f"| {g['retention_score']:.2f} / {g['retention']:.2f} "
+                f"| {g['retention_score_prefixed']:.2f} / {g['retention_prefixed']:.2f} "
+                f"| {g['specificity']:.2f} | {g['entropy_norm']:.3f} |"
+            )
+        lines.append(f"\nUnedited: ME-PPL_50 {base['ppl']:.1f}, WikiText-2 {base['wikitext_ppl']:.2f}.")
+    if applied:
+        lines += ["", "| prompts | edits | uᵀk/(‖u‖‖k‖) min / median / max | ‖ΔW‖/‖W‖ min / median / max "
+                  "| interference min / median / max | flagged |", "|---|---|---|---|---|---|"]
+        for name, first in (("subject first", True), ("subject later", False)):
+            group = [e for e in applied if e.get("prompt", "").startswith(e.get("subject", "\0")) == first]
+            if not group:
+                continue
+            flagged = sum(bool(e.get("collapse")) for e in group)
+            lines.append(
+                f"| {name} | {len(group)} | {_spread([e['denominator_rel'] for e in group], 2)} "
+                f"| {_spread([e['update_ratio'] for e in group])} "
+                f"| {_spread([e.get('interference', float('nan')) for e in group], 2)} | {flagged} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    dirs = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    if not dirs:
+        raise SystemExit("usage: collapse_report.py RUN_DIR...")
+    print("# Collapse study\n")
+    print("\n\n".join(report(d) for d in dirs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
