@@ -70,11 +70,19 @@ def _finite(values: Sequence[Any]) -> List[float]:
     return [float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan for v in values]
 
 
+def _legend(ax: Any) -> None:
+    """A legend inside the axes when it is short, beside them when it would hide the curves."""
+    if len(ax.get_legend_handles_labels()[1]) > 4:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7, loc="best")
+
+
 def _finish(plt: Any, fig: Any, axes: Any, xlabel: str, title: str, path: Path) -> Path:
     axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -111,7 +119,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                     ax.plot([p["edits"] for p in pts], ys, marker=".", color=f"C{j}", ls=LINESTYLES[r % 4], label=tag)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+            _legend(ax)
         written.append(_finish(plt, fig, axes, "edits applied", title or "sequential edits", out / "checkpoints.png"))
     edit_panels = [p for p in EDIT_PANELS if any(p[0] in e for _, entries in data.values() for e in entries)]
     if edit_panels:
@@ -128,7 +136,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
             ax.set_ylabel(what, fontsize=8)
             ax.grid(alpha=0.3)
             if len(data) > 1:
-                ax.legend(fontsize=7, loc="best")
+                _legend(ax)
         written.append(_finish(plt, fig, axes, "edit number", title or "per edit", out / "per_edit.png"))
     return written
 
