@@ -33,27 +33,17 @@ def wikitext_paragraphs(path: Path, n: int, seed: int = 0) -> list:
 
 
 def parse_overrides(items: list) -> dict:
-    """``["v_weight_decay=0.5", ...]`` -> ``{"v_weight_decay": 0.5}``, typed by the EditConfig field."""
-    import dataclasses
-
-    from fastrome.config import EditConfig
-
-    fields = {f.name: f for f in dataclasses.fields(EditConfig)}
+    """``["v_weight_decay=0.5", ...]`` -> ``{"v_weight_decay": 0.5}``: values are read as JSON (numbers,
+    ``true``/``false``), anything else as a string; the Editor checks the names and the values."""
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or name not in fields or name in ("mode", "stats_tokens", "extra"):
-            raise SystemExit(
-                f"--set: expected FIELD=VALUE with an EditConfig field other than mode/stats_tokens, got {item!r}"
-            )
-        default = getattr(EditConfig(), name)
-        if isinstance(default, bool):
-            out[name] = text.lower() in ("1", "true", "yes")
-        elif isinstance(default, int) or name in ("v_steps", "layer"):
-            out[name] = int(text)
-        elif isinstance(default, float) or default is None:
-            out[name] = float(text)
-        else:
+        if not sep or not name or name in ("mode", "stats_tokens"):
+            raise SystemExit(f"--set: expected FIELD=VALUE for an EditConfig field other than mode and "
+                             f"stats_tokens (they have their own options), got {item!r}")
+        try:
+            out[name] = json.loads(text)
+        except ValueError:
             out[name] = text
     return out
 
