@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     run_file = out / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {"sessions": []}
     session = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "edits_before": len(editor.journal),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "edits_before": len(editor.done_case_ids()),
         "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "fastrome": fastrome.__version__,
         "python": sys.version.split()[0],
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     def save(point=None):
         session["seconds"] = time.perf_counter() - t0
-        session["edits_after"] = len(editor.journal)
+        session["edits_after"] = len(editor.done_case_ids())
         run["sessions"] = [s for s in run["sessions"] if s.get("started") != session["started"]] + [session]
         run["wall_seconds"] = sum(s.get("seconds", 0.0) for s in run["sessions"])
         tmp = run_file.with_suffix(".tmp")

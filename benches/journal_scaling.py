@@ -7,6 +7,11 @@ For each count N and scale α the edited layer is set to W₀ + α·Σᵢ₌₁.
 rank-one factors, all scaled by α) and ME-PPL_50 and the WikiText-2 paragraphs of the collapse study
 are measured. α = 1 reproduces the run's own checkpoints; smaller α shows what gentler edits (a
 smaller residual v* − Wk, hence smaller Λ) would have cost over the same N edits.
+
+``--without-interference-spikes`` leaves out the edits that the default interference-spike rule
+(``CollapseRules``: more than 10× the median interference of the edits kept before) would have
+undone. It approximates a run with that rule on ``undo``: the later edits' factors were computed
+against a model that still had the left-out ones.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="a collapse-study folder (its journal/ is read)")
     ap.add_argument("--counts", default="100", help="comma-separated numbers of edits")
     ap.add_argument("--scales", default="1,0.5,0.25", help="comma-separated scales α")
+    ap.add_argument("--without-interference-spikes", action="store_true",
+                    help="leave out the edits the interference-spike rule flags")
     ap.add_argument("--wikitext", type=int, default=24)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -46,6 +53,10 @@ def main(argv=None) -> int:
     entries = Journal(Path(args.run) / "journal").entries
     if not entries:
         raise SystemExit(f"{args.run}: the journal holds no edits")
+    dropped = interference_spikes(entries) if args.without_interference_spikes else []
+    if dropped:
+        print(json.dumps({"left_out": dropped}), flush=True)
+    skip = {d["position"] for d in dropped}
     layers = {e.layer for e in entries}
     if len(layers) != 1:
         raise SystemExit(f"{args.run}: edits at several layers {sorted(layers)}; expected one")
@@ -55,8 +66,9 @@ def main(argv=None) -> int:
     for n in [int(c) for c in args.counts.split(",")]:
         if not 0 < n <= len(entries):
             raise SystemExit(f"--counts: {n} is not in 1..{len(entries)} (edits in the journal)")
-        U = torch.stack([e.u for e in entries[:n]])
-        L = torch.stack([e.lam for e in entries[:n]])
+        kept = [e for i, e in enumerate(entries[:n]) if i not in skip]
+        U = torch.stack([e.u for e in kept])
+        L = torch.stack([e.lam for e in kept])
         total = L.T @ U  # Σ Λᵢuᵢᵀ, (d_out, d_in)
         for alpha in [float(s) for s in args.scales.split(",")]:
             with torch.no_grad():
@@ -72,8 +84,28 @@ def main(argv=None) -> int:
     print(json.dumps({"unedited": base}), flush=True)
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "run": str(args.run)}
-        Path(args.out).write_text(json.dumps({"meta": meta, "unedited": base, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"meta": meta, "unedited": base, "left_out": dropped, "rows": rows},
+                                             indent=1))
     return 0
+
+
+def interference_spikes(entries) -> list:
+    """The journal positions the default interference-spike rule flags, judged in order against
+    the edits kept before each (as a run on ``undo`` would have)."""
+    from fastrome.sequential import CollapseRules
+
+    rules, history, flagged = CollapseRules(), [], []
+    for i, e in enumerate(entries):
+        value = e.record.get("interference")
+        if value is None:
+            raise SystemExit(f"journal edit {e.edit_id} has no interference (an older run): cannot judge it")
+        mid = rules.spike(value, history, rules.interference_spike)
+        if mid is None:
+            history.append(value)
+        else:
+            flagged.append({"position": i, "edit_id": e.edit_id, "case_id": e.request.get("case_id"),
+                            "interference": value, "median_before": mid})
+    return flagged
 
 
 if __name__ == "__main__":

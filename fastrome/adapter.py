@@ -141,6 +141,10 @@ class ModelAdapter:
     def module(self, layer: int) -> nn.Module:
         return self.model.get_submodule(self.module_name(self.check_layer(layer)))
 
+    def block(self, layer: int) -> nn.Module:
+        """The transformer block holding ``layer``'s down projection (its output is the residual stream)."""
+        return self.model.get_submodule(self.module_template.split("{}")[0] + str(self.check_layer(layer)))
+
     def weight(self, layer: int) -> Tensor:
         """The edited weight as a (d_out, d_in) view (transposed for Conv1D)."""
         mod = self.module(layer)

@@ -30,6 +30,11 @@ class EditConfig:
     lets the value optimisation run only the layers above the edited one on the tokens from the
     subject's last token on (:mod:`fastrome.runners`; same result up to rounding, checked on first
     use); False runs the whole model at every step.
+    ``spread`` > 1 shares every edit among that many consecutive layers ending at the edit's layer
+    (MEMIT-style, for one request at a time): the value is optimised at the last of them as usual,
+    then each layer in turn, from the lowest, takes its share of what is still missing there. Each
+    layer's update is a consistent-key rank-one update, so every guard applies per layer; the
+    layers' updates, and with them their damage to unrelated text, are about ``spread`` times smaller.
     Guards (DESIGN §2): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
     non-finite, or when ``‖ΔW‖_F/‖W‖_F`` exceeds ``max_update_ratio`` (or the running sum of those
     ratios at the layer exceeds ``max_total_update_ratio``); ``policy`` says what a refusal does.
@@ -37,6 +42,7 @@ class EditConfig:
 
     layer: Optional[int] = None
     mode: str = "consistent"
+    spread: int = 1
     # context templates
     template_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
@@ -80,6 +86,8 @@ class EditConfig:
         for name in ("kl_factor", "early_stop_loss", "ridge", "min_denom_rel"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 raise bad(name, "a non-negative number")
+        if not isinstance(self.spread, int) or isinstance(self.spread, bool) or self.spread < 1:
+            raise bad("spread", "a positive int")
         if not isinstance(self.v_fast, bool):
             raise bad("v_fast", "True or False")
         if self.v_steps is not None and (not isinstance(self.v_steps, int) or self.v_steps < 1):

@@ -24,7 +24,7 @@ from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
 from fastrome.interop import load_rome_npz
 from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
-from fastrome.keys import capture_at
+from fastrome.keys import capture_at, capture_residual
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestLike, parse_requests
@@ -253,6 +253,11 @@ class Editor:
         layers = []
         for i, req in enumerate(reqs):
             layer = self.layer if req.layer is None else self.adapter.check_layer(req.layer, f"requests[{i}].layer")
+            if layer - self.config.spread + 1 < 0:
+                raise ValueError(
+                    f"config.spread: {self.config.spread} layers ending at layer {layer} (requests[{i}]) would "
+                    "start below layer 0"
+                )
             try:
                 subject_prompt(self.tokenizer, req.prompt, req.subject)
                 if not target_ids(self.tokenizer, req.text, req.target_text()):
@@ -282,7 +287,7 @@ class Editor:
         layers = self._prepare(reqs)
         report = EditReport()
         t0 = _now()
-        self._ensure_solvers(layers)
+        self._ensure_solvers(part for layer in layers for part in self._spread_layers(layer))
         stats_seconds = _now() - t0
         t0 = _now()
         templates = self.templates()
@@ -307,8 +312,11 @@ class Editor:
                         rec.seconds["templates"] = template_seconds
                     recs.append(rec)
                 found = self._keys_and_values([reqs[i] for i in chunk], layers[chunk[0]], templates, recs, bar)
-                for i, rec, (keys, vr) in zip(chunk, recs, found):
-                    self._apply(reqs[i], layers[i], keys, vr, rec)
+                for i, rec, (keys, vr, residual) in zip(chunk, recs, found):
+                    if residual is None:
+                        self._apply(reqs[i], layers[i], keys, vr, rec)
+                    else:
+                        self._apply_spread(reqs[i], layers[i], vr, residual, rec)
                     report.records.append(rec)
                     self.history.append(rec)
                     bar.update(1)
@@ -326,15 +334,20 @@ class Editor:
 
     def _keys_and_values(
         self, reqs: List[EditRequest], layer: int, templates: List[str], recs: List[EditRecord], bar: Any
-    ) -> List[Tuple[Tensor, ValueResult]]:
-        """Keys of every request and their values, optimised together; time is shared equally."""
+    ) -> List[Tuple[Tensor, ValueResult, Optional[Tensor]]]:
+        """Keys of every request and their values, optimised together; time is shared equally.
+        A spread edit also gets the residual stream after ``layer`` at its prompts (its target
+        is that plus δ), read before any of these requests is written."""
         cfg, adapter = self.config, self.adapter
         with frozen(self.model):
             t0 = _now()
-            keys = [
-                capture_at(adapter, layer, edit_prompts(self.tokenizer, templates, req), pad_id(self.tokenizer))[0]
-                for req in reqs
-            ]
+            keys, residuals = [], []
+            for req in reqs:
+                prompts = edit_prompts(self.tokenizer, templates, req)
+                keys.append(capture_at(adapter, layer, prompts, pad_id(self.tokenizer))[0])
+                residuals.append(
+                    capture_residual(adapter, layer, prompts, pad_id(self.tokenizer)) if cfg.spread > 1 else None
+                )
             key_seconds = (_now() - t0) / len(reqs)
             t0 = _now()
             label = reqs[0].subject[:20] if len(reqs) == 1 else f"{len(reqs)} requests"
@@ -350,7 +363,11 @@ class Editor:
             rec.delta_norm, rec.v_init_norm = float(vr.delta.norm()), float(vr.v_init.norm())
             rec.target_prob = vr.final_target_prob
             rec.batch = len(reqs)
-        return list(zip(keys, vrs))
+        return list(zip(keys, vrs, residuals))
+
+    def _spread_layers(self, layer: int) -> List[int]:
+        """The layers an edit at ``layer`` writes, lowest first."""
+        return list(range(layer - self.config.spread + 1, layer + 1))
 
     def _apply(self, req: EditRequest, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> None:
         """Solve against the current weights, check the guards, write, journal."""
@@ -397,6 +414,89 @@ class Editor:
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
         )
 
+    def _apply_spread(self, req: EditRequest, layer: int, vr: ValueResult, residual: Tensor, rec: EditRecord) -> None:
+        """A spread edit: the layers below ``layer`` and ``layer`` itself, lowest first, each take
+        an equal share of what the residual stream after ``layer`` still lacks of its target
+        (``residual`` + δ, averaged over the prompts; at the unprefixed prompt in the modes whose
+        numerator key is the unprefixed one), the last one all that is left. Keys and the
+        residual are read again after every write. All layers are written or none: a refusal at
+        any layer rebuilds the ones already written, and the journal gets the parts only at the end.
+        """
+        cfg, adapter, tok = self.config, self.adapter, self.tokenizer
+        layers = self._spread_layers(layer)
+        prompts = edit_prompts(tok, self.templates(), req)
+
+        def at_key(h: Tensor) -> Tensor:
+            # where the mode's numerator key reads: the prompts' mean, or the unprefixed prompt
+            return h.mean(0) if cfg.mode == "consistent" else h[0]
+
+        target = at_key(residual) + vr.delta.to(residual.device)
+        written: List[Tuple[int, update.UpdatePlan, float]] = []
+        solve_seconds = write_seconds = 0.0
+        rec.reasons = []
+        for i, part_layer in enumerate(layers):
+            t0 = _now()
+            with frozen(self.model):
+                keys = capture_at(adapter, part_layer, prompts, pad_id(tok))[0]
+                now = at_key(capture_residual(adapter, layer, prompts, pad_id(tok)))
+            share = (target - now.to(target.device)) / (len(layers) - i)
+            self._remember_base(part_layer)
+            weight32, _ = self._weight32(part_layer)
+            plan = update.plan(cfg.mode, self._solvers[part_layer], weight32, adapter.bias(part_layer),
+                               keys.mean(0), keys[0], None, change=share.to(weight32.device))
+            total = self._total_ratio[part_layer] + plan.update_ratio
+            verdict = guards.check(
+                k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
+                update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
+            )
+            rec.parts.append({
+                "layer": part_layer, "edit_id": None, "denominator": plan.denom, "denominator_rel": plan.denom_rel,
+                "denominator_floor": verdict.floor, "update_norm": plan.update_norm,
+                "update_ratio": plan.update_ratio, "interference": plan.interference, "total_update_ratio": total,
+            })
+            rec.reasons += [f"layer {part_layer}: {r}" for r in verdict.reasons]
+            solve_seconds += _now() - t0
+            if not (verdict.ok or cfg.policy == "force"):
+                break
+            t0 = _now()
+            _, master = self._weight32(part_layer)
+            with torch.no_grad():
+                applied = update.write(adapter.weight(part_layer), plan, verdict.floor if verdict.ok else -math.inf,
+                                       master)
+            write_seconds += _now() - t0
+            if not applied:
+                rec.reasons.append(f"layer {part_layer}: the write refused non-finite values")
+                break
+            written.append((part_layer, plan, total))
+        rec.seconds["solve"], rec.seconds["write"] = solve_seconds, write_seconds
+        weakest = min(rec.parts, key=lambda p: p["denominator_rel"] if math.isfinite(p["denominator_rel"]) else -1)
+        rec.denominator, rec.denominator_rel = weakest["denominator"], weakest["denominator_rel"]
+        rec.denominator_floor = weakest["denominator_floor"]
+        rec.update_norm = math.sqrt(sum(p["update_norm"] ** 2 for p in rec.parts))
+        rec.update_ratio = max(p["update_ratio"] for p in rec.parts)
+        rec.interference = sum(p["interference"] for p in rec.parts)
+        rec.total_update_ratio = max(p["total_update_ratio"] for p in rec.parts)
+        if len(written) < len(layers):
+            rec.status = "refused"
+            if written:  # back to the weights from before this edit, bit for bit
+                self._rebuild(part_layer for part_layer, _, _ in written)
+        else:
+            rec.status = "forced" if rec.reasons else "applied"
+            first = self.journal.next_id
+            rec.edit_id = first
+            for i, (part_layer, _, total) in enumerate(written):
+                rec.parts[i]["edit_id"] = first + i
+                self._total_ratio[part_layer] = total
+            whole = rec.to_dict()
+            for i, (part_layer, plan, _) in enumerate(written):
+                self.journal.append(
+                    JournalEntry(first + i, part_layer, plan.u, plan.lam, req.to_dict(), {**whole, "part": i})
+                )
+        self.last = EditArtifacts(
+            layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
+            v_star=vr.v_star, u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
+        )
+
     # -- journal, undo, export ------------------------------------------------------------------
     def _remember_base(self, layer: int) -> None:
         """Keep ``layer``'s weight from before its first edit: undo and replay start from it."""
@@ -418,7 +518,7 @@ class Editor:
                 for e in self.journal:
                     if e.layer == layer:
                         apply_factors(weight, e.u, e.lam, master)
-                        total += float(e.record.get("update_ratio") or 0.0)
+                        total += float(_part_record(e).get("update_ratio") or 0.0)
             if master is not None:
                 self._masters[layer] = master
             else:
@@ -426,6 +526,13 @@ class Editor:
             self._total_ratio[layer] = total
 
     def _resume(self) -> None:
+        # A spread edit is journaled part by part; a crash between its parts leaves a partial group,
+        # which is dropped (the run redoes that request) rather than replayed half-applied.
+        partial = [e.edit_id for group in _groups(self.journal.entries) if not _complete(group) for e in group]
+        if partial:
+            warnings.warn(f"journal {self.journal.path}: dropping the incomplete parts {partial} of a spread edit "
+                          "interrupted while it was being recorded", stacklevel=3)
+            self.journal.remove(partial)
         layers = sorted({e.layer for e in self.journal})
         for layer in layers:
             self.adapter.check_layer(layer, f"journal layer {layer}")
@@ -436,7 +543,12 @@ class Editor:
 
     def done_case_ids(self) -> List[Any]:
         """``case_id`` of every edit in the journal, in order (to skip them when resuming a run)."""
-        return [e.request.get("case_id") for e in self.journal]
+        return [group[0].request.get("case_id") for group in _groups(self.journal.entries)]
+
+    def applied_records(self) -> List[Dict[str, Any]]:
+        """The record (``EditRecord.to_dict()``) of every edit in the journal, in order; one per
+        request, also for spread edits that wrote several layers."""
+        return [group[0].record for group in _groups(self.journal.entries)]
 
     def undo(self, edit_ids: Union[int, Iterable[int]]) -> List[JournalEntry]:
         """Remove edits by id: each touched layer is rebuilt from its base weight and the remaining
@@ -450,6 +562,10 @@ class Editor:
         unknown = sorted(set(ids) - known)
         if unknown:
             raise ValueError(f"edit_ids: {unknown} not in the journal (ids {sorted(known)[:10]}...)")
+        # a spread edit goes as a whole, whichever of its layers' ids is named
+        wanted = set(ids)
+        ids = [e.edit_id for group in _groups(self.journal.entries) if wanted & {x.edit_id for x in group}
+               for e in group]
         removed = self.journal.remove(ids)
         self._rebuild(e.layer for e in removed)
         gone = set(ids)
@@ -459,10 +575,11 @@ class Editor:
         return removed
 
     def undo_last(self, n: int = 1) -> List[JournalEntry]:
-        """Undo the last ``n`` edits; the weights are bit-for-bit those from before them."""
-        if not isinstance(n, int) or n < 0 or n > len(self.journal):
-            raise ValueError(f"n: expected 0..{len(self.journal)} (edits in the journal), got {n!r}")
-        return self.undo([e.edit_id for e in self.journal.entries[len(self.journal) - n:]]) if n else []
+        """Undo the last ``n`` edits (requests); the weights are bit-for-bit those from before them."""
+        groups = _groups(self.journal.entries)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > len(groups):
+            raise ValueError(f"n: expected 0..{len(groups)} (edits in the journal), got {n!r}")
+        return self.undo([group[0].edit_id for group in groups[len(groups) - n:]]) if n else []
 
     def save_edits(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write every applied edit's factors (safetensors + JSON; kilobytes per edit). Re-apply them
@@ -479,6 +596,29 @@ class Editor:
             self.tokenizer.save_pretrained(path)
         self.save_edits(path / "edits.safetensors")
         return path
+
+
+def _part_record(entry: JournalEntry) -> Dict[str, Any]:
+    """The record of ``entry``'s own layer: a spread edit's part, else the edit's record."""
+    part = entry.record.get("part")
+    return entry.record["parts"][part] if part is not None else entry.record
+
+
+def _groups(entries: List[JournalEntry]) -> List[List[JournalEntry]]:
+    """Journal entries by edit: a spread edit's parts (consecutive, ``part`` 0, 1, ...) together."""
+    out: List[List[JournalEntry]] = []
+    for e in entries:
+        part = e.record.get("part")
+        if part is not None and part > 0 and out and out[-1][0].record.get("edit_id") == e.record.get("edit_id"):
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
+
+
+def _complete(group: List[JournalEntry]) -> bool:
+    parts = group[0].record.get("parts") or []
+    return group[0].record.get("part") is None or (group[0].record.get("part") == 0 and len(group) == len(parts))
 
 
 def _chunks(layers: List[int], size: int) -> List[List[int]]:

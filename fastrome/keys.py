@@ -51,3 +51,28 @@ def capture_at(
     if "k" not in store:
         raise RuntimeError(f"the forward pass never reached {adapter.module_name(layer)}")
     return store["k"], store["v"]
+
+
+@torch.no_grad()
+def capture_residual(adapter: ModelAdapter, layer: int, prompts: Sequence[SubjectPrompt], pad: int) -> Tensor:
+    """The residual stream after ``layer``'s block (n, d_out), fp32, at each prompt's subject-last token."""
+    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
+    rows = torch.arange(len(prompts))
+    cols = torch.tensor([p.last for p in prompts])
+    store = {}
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        store["h"] = hidden[rows.to(hidden.device), cols.to(hidden.device)].float()
+        raise StopForward
+
+    handle = adapter.block(layer).register_forward_hook(hook)
+    try:
+        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in store:
+        raise RuntimeError(f"the forward pass never reached block {layer}")
+    return store["h"]

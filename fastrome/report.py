@@ -45,6 +45,10 @@ class EditRecord:
     seconds: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     edit_id: Optional[int] = None  # id in the editor's journal once applied
     batch: int = 1  # requests whose values were optimised together with this one
+    # A spread edit (config.spread > 1): one entry per layer, lowest first, with that layer's
+    # layer, edit_id, denominator, denominator_rel, update_norm, update_ratio and interference.
+    # The record's own figures are then the weakest cosine, the largest ratio and the summed interference.
+    parts: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def applied(self) -> bool:

@@ -45,9 +45,14 @@ class CollapseRules:
 
     Attributes:
         sentinel_ppl_ratio: perplexity of the sentinel texts after an edit over its value before
-            any edit; above this the edit is flagged.
+            any edit; above this the edit is flagged (a budget for the run's accumulated damage).
+        sentinel_jump: the same perplexity after an edit over its value just before that edit;
+            above this the edit is flagged (one edit doing the damage of many).
         norm_spike: ``‖ΔW‖/‖W‖`` of an edit over the median of the previous edits' ratios.
-        min_history: edits before the norm-spike rule applies (the median needs a few).
+        interference_spike: an edit's interference ``‖Λ‖²·uᵀCu`` (its mean squared change to the
+            layer's output over ordinary text) over the median of the previous edits'. It flags a
+            disabling edit from its factors alone, before any perplexity moves.
+        min_history: edits before the spike rules apply (the medians need a few).
         entropy_drop: generation entropy at a checkpoint over the unedited model's; below this the
             run stops under ``action="stop"`` (it is recorded otherwise: the edits since the last
             checkpoint cannot be told apart).
@@ -55,7 +60,9 @@ class CollapseRules:
     """
 
     sentinel_ppl_ratio: float = 1.5
+    sentinel_jump: float = 1.25
     norm_spike: float = 10.0
+    interference_spike: float = 10.0
     min_history: int = 10
     entropy_drop: float = 0.8
     action: str = "undo"
@@ -63,9 +70,19 @@ class CollapseRules:
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action: expected one of {ACTIONS}, got {self.action!r}")
-        if not (self.sentinel_ppl_ratio > 1 and self.norm_spike > 1):
-            raise ValueError(f"sentinel_ppl_ratio and norm_spike must be > 1, got {self.sentinel_ppl_ratio!r}, "
-                             f"{self.norm_spike!r}")
+        for name in ("sentinel_ppl_ratio", "sentinel_jump", "norm_spike", "interference_spike"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 1):
+                raise ValueError(f"{name}: expected a number > 1, got {value!r}")
+
+
+    def spike(self, value: Optional[float], history: Sequence[float], factor: float) -> Optional[float]:
+        """The median of ``history`` when ``value`` is above ``factor`` times it, else None (also
+        while ``history`` holds fewer than ``min_history`` values)."""
+        if value is None or len(history) < self.min_history:
+            return None
+        mid = median(history)
+        return mid if value > factor * mid else None
 
 
 @dataclass
@@ -104,6 +121,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return str(obj)
+
+
+def _finite(value: Any) -> Optional[float]:
+    """``value`` as a float, or None when it is missing or not finite (older records lack some)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _case_id(record: Any, index: int) -> Any:
@@ -203,7 +229,13 @@ def run_sequential(
         base_sentinel = first.get("sentinel_ppl_base")
         probes.locality = [tuple(pair) for pair in first.get("locality_baseline", [])]
         probes.base_entropy = first.get("entropy_base")
-    ratios = [float(e.record.get("update_ratio") or 0.0) for e in editor.journal]
+    history = editor.applied_records()
+    ratios = [float(r.get("update_ratio") or 0.0) for r in history]
+    interferences = [x for x in (_finite(r.get("interference")) for r in history) if x is not None]
+    # The sentinel just before the next edit: measured on the model as the journal left it.
+    last_sentinel = base_sentinel
+    if base_sentinel is not None and editor.journal.entries:
+        last_sentinel = mean_perplexity(model, tok, sentinel)
 
     from tqdm.auto import tqdm
 
@@ -240,20 +272,33 @@ def run_sequential(
                 continue
             flags: Dict[int, List[str]] = {}
             for entry, rec in applied:
-                if len(ratios) >= rules.min_history and rec.update_ratio > rules.norm_spike * median(ratios):
+                mid = rules.spike(rec.update_ratio, ratios, rules.norm_spike)
+                if mid is not None:
                     flags.setdefault(id(entry), []).append(
-                        f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median "
-                        f"{median(ratios):.3g}"
+                        f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median {mid:.3g}"
+                    )
+                spread = _finite(rec.interference)
+                mid = rules.spike(spread, interferences, rules.interference_spike)
+                if mid is not None:
+                    flags.setdefault(id(entry), []).append(
+                        f"interference spike: {spread:.3g} > {rules.interference_spike:g} × median {mid:.3g}"
                     )
             if base_sentinel is not None:
                 now = mean_perplexity(model, tok, sentinel)
                 for entry, _ in applied:
                     entry["sentinel_ppl"] = now
+                raised_here = []
                 if now > rules.sentinel_ppl_ratio * base_sentinel:
-                    for entry, _ in applied:  # a batch is judged as a whole
-                        flags.setdefault(id(entry), []).append(
-                            f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}"
-                        )
+                    raised_here.append(
+                        f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}"
+                    )
+                if now > rules.sentinel_jump * last_sentinel:
+                    raised_here.append(
+                        f"sentinel perplexity jump: {now:.2f} > {rules.sentinel_jump:g} × {last_sentinel:.2f} "
+                        "before the edit"
+                    )
+                for entry, _ in applied:  # a batch is judged as a whole
+                    flags.setdefault(id(entry), []).extend(raised_here)
             undo = []
             for entry, rec in applied:
                 entry["collapse"] = flags.get(id(entry), [])
@@ -263,16 +308,25 @@ def run_sequential(
                     summary.undone += 1
                 else:
                     ratios.append(rec.update_ratio)
+                    if _finite(rec.interference) is not None:
+                        interferences.append(float(rec.interference))
                     summary.applied += 1
             if undo:
                 editor.undo(undo)
+            if base_sentinel is not None:
+                # After an undo the model is back where it was; otherwise it is where ``now`` measured it.
+                kept_any = any(entry["status"] != "undone" for entry, _ in applied)
+                if kept_any and not undo:
+                    last_sentinel = now
+                elif kept_any:
+                    last_sentinel = mean_perplexity(model, tok, sentinel)
             for entry, _ in applied:
                 log(entry)
             raised = [f for entry, _ in applied for f in entry["collapse"]]
             if raised and rules.action == "stop":
                 summary.stopped = "; ".join(raised)
                 break
-            n_done = len(editor.journal)
+            n_done = len(editor.done_case_ids())
             kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
             if n_done // every > (n_done - kept) // every:
                 point = probes.measure(editor, records, editor.done_case_ids())

@@ -52,7 +52,8 @@ def plan(
     bias: Optional[Tensor],
     k_mean: Tensor,
     k_plain: Tensor,
-    v_star: Tensor,
+    v_star: Optional[Tensor],
+    change: Optional[Tensor] = None,
 ) -> UpdatePlan:
     """Compute u, the denominator and Λ for ``mode``.
 
@@ -60,10 +61,14 @@ def plan(
         weight32: (d_out, d_in) current weight in fp32 (the master copy for half-precision models).
         bias: (d_out,) or None.
         k_mean: (d_in,) mean key over the context templates (k̄); k_plain: the unprefixed key (k_u).
-        v_star: (d_out,) target value.
+        v_star: (d_out,) target value; or None with ``change``.
+        change: (d_out,) the wanted change of the layer's output at the key, ``v* − (Wk + b)``
+            given directly (a spread edit's share at one layer); replaces ``v_star``.
     """
+    if (v_star is None) == (change is None):
+        raise ValueError("plan: give exactly one of v_star and change")
     device = weight32.device
-    k_mean, k_plain, v_star = (t.to(device=device, dtype=torch.float32) for t in (k_mean, k_plain, v_star))
+    k_mean, k_plain = (t.to(device=device, dtype=torch.float32) for t in (k_mean, k_plain))
     if mode == "prompt":
         u, denom_t = solver.solve(k_plain)
         key = k_plain
@@ -76,10 +81,12 @@ def plan(
         denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
     u = u.to(device=device, dtype=torch.float32)
     denom = float(denom_t)
-    current = torch.mv(weight32, key)
-    if bias is not None:
-        current = current + bias.detach().to(device=device, dtype=torch.float32)
-    lam = ((v_star - current).to(torch.float64) / denom).to(torch.float32)
+    if change is None:
+        current = torch.mv(weight32, key)
+        if bias is not None:
+            current = current + bias.detach().to(device=device, dtype=torch.float32)
+        change = v_star.to(device=device, dtype=torch.float32) - current
+    lam = (change.to(device=device, dtype=torch.float64) / denom).to(torch.float32)
     update_norm = float(lam.double().norm() * u.double().norm())
     weight_norm = float(weight32.norm())
     interference = float(lam.double().square().sum()) * quad

@@ -95,6 +95,65 @@ def test_collapse_rules_act(make_tiny, tmp_path, action):
         assert len(ed.journal) == sum(e["status"] == "applied" for e in log) and len(log) < len(RECORDS)
 
 
+@pytest.mark.parametrize("action", ["undo", "record"])
+def test_sentinel_jump_is_judged_against_the_model_just_before_the_edit(make_tiny, tmp_path, action):
+    # Every rise flags the edit; the reference for the next edit is the sentinel of the model as it
+    # then is: after a kept edit its own value, after an undone one the value before it, and after a
+    # restart the replayed model's.
+    rules = CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=1 + 1e-12, interference_spike=1e9, action=action)
+    model, tok = make_tiny("llama-bytelevel")
+    go(editor_for(model, tok, tmp_path), tmp_path, RECORDS[:3], rules=rules)
+    fresh, _ = make_tiny("llama-bytelevel")
+    ed = editor_for(fresh, tok, tmp_path)
+    go(ed, tmp_path, RECORDS, rules=rules)
+    log = [e for e in lines(tmp_path / "edits.jsonl") if "sentinel_ppl" in e]
+    reference = lines(tmp_path / "checkpoints.jsonl")[0]["sentinel_ppl_base"]
+    seen = set()
+    for e in log:
+        jumped = e["sentinel_ppl"] > (1 + 1e-12) * reference
+        jumps = [f for f in e["collapse"] if "jump" in f]
+        assert bool(jumps) == jumped, (e["case_id"], e["sentinel_ppl"], reference)
+        assert all(f.endswith(f"× {reference:.2f} before the edit") for f in jumps), (jumps, reference)
+        assert e["status"] == ("undone" if jumped and action == "undo" else "applied")
+        seen.add(jumped)
+        if e["status"] == "applied":
+            reference = e["sentinel_ppl"]
+    assert seen == {True, False}  # these seeds exercise both branches
+    assert [e.request["case_id"] for e in ed.journal] == [e["case_id"] for e in log if e["status"] == "applied"]
+
+
+def test_interference_spike_undoes_the_edit_before_any_perplexity_moves(make_tiny, tmp_path):
+    quiet = dict(sentinel_ppl_ratio=1e9, sentinel_jump=1e9, norm_spike=1e9)
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path / "run")
+    plain_edit = ed.edit
+
+    def edit_with_a_disabling_case(requests, **kw):
+        report = plain_edit(requests, **kw)
+        for rec in report.records:
+            if rec.case_id == 5:  # as if its factors changed ordinary outputs a million times more
+                rec.interference *= 1e6
+        return report
+
+    ed.edit = edit_with_a_disabling_case
+    summary = go(ed, tmp_path / "run", RECORDS, rules=CollapseRules(min_history=2, action="undo", **quiet))
+    log = {e["case_id"]: e for e in lines(tmp_path / "run" / "edits.jsonl")}
+    assert log[5]["status"] == "undone" and "interference spike" in log[5]["collapse"][0]
+    assert [log[c]["collapse"] for c in (1, 2, 6)] == [[], [], []] and summary.undone == 1
+    assert [e.request["case_id"] for e in ed.journal] == [1, 2, 6]
+    # the model is exactly the one that never saw case 5
+    other, _ = make_tiny("llama-bytelevel")
+    go(editor_for(other, tok, tmp_path / "ref"), tmp_path / "ref", [RECORDS[i] for i in (0, 1, 5)],
+       rules=CollapseRules(action="record", **quiet))
+    assert torch.equal(ModelAdapter(model).weight(1), ModelAdapter(other).weight(1))
+
+
+@pytest.mark.parametrize("name", ["sentinel_jump", "interference_spike", "norm_spike", "sentinel_ppl_ratio"])
+def test_rules_refuse_thresholds_that_flag_everything(name):
+    with pytest.raises(ValueError, match=name):
+        CollapseRules(**{name: 1.0})
+
+
 def test_killed_run_resumes_with_nothing_applied_twice(make_tiny, tmp_path):
     whole, tok = make_tiny("llama-bytelevel")
     go(editor_for(whole, tok, tmp_path / "a"), tmp_path / "a", RECORDS,
@@ -149,7 +208,8 @@ def test_entropy_drop_stops_the_run(make_tiny, tmp_path):
         warnings.simplefilter("ignore")
         summary = run_sequential(
             ed, RECORDS, tmp_path, every=2, fluency_prompts=["The city of"], retention_sample=10,
-            rules=CollapseRules(sentinel_ppl_ratio=1e9, entropy_drop=1e9, action="stop"),
+            rules=CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=1e9, interference_spike=1e9, entropy_drop=1e9,
+                                action="stop"),
         )
     assert summary.stopped and "generation entropy" in summary.stopped
     points = lines(tmp_path / "checkpoints.jsonl")
