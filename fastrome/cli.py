@@ -90,7 +90,8 @@ def _read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def _editor(model, tok, args: argparse.Namespace):
     from fastrome import Editor
 
-    overrides = {"layer": args.layer, "mode": args.mode, "policy": args.policy, "stats_tokens": args.tokens}
+    overrides = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
+                 "stats_tokens": args.tokens}
     return Editor(model, tok, stats=args.stats, progress=not args.json, **overrides)
 
 
@@ -265,7 +266,8 @@ def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes) -> i
         elif getattr(c, "loc", None):
             req["locality_prompt"] = c.loc
         records.append(req)
-    overrides = {"layer": args.layer, "mode": args.mode, "policy": args.policy or "skip", "stats_tokens": args.tokens}
+    overrides = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy or "skip",
+                 "stats_tokens": args.tokens}
     editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
                       **{k: v for k, v in overrides.items() if v is not None})
     summary = run_sequential(
@@ -478,6 +480,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("consistent", "original", "prompt"), default=None)
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: the model's measured layer)")
+    p.add_argument("--spread", type=int, default=None,
+                   help="share each edit among this many layers ending at --layer (default 1)")
     p.add_argument("--policy", choices=("raise", "skip", "force"), default=None)
     p.add_argument("--stats", default=None,
                    help="statistics: a .safetensors file, a corpus file/folder, 'bundled' (default) or 'identity'")

@@ -48,6 +48,21 @@ def test_edit_inline_json(capsys, model_dir):
     assert data["edits"][0]["status"] == "applied"
 
 
+def test_edit_spread_over_layers(capsys, model_dir):
+    code, out = run(
+        capsys, "edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in",
+        "--subject", "The Eiffel Tower", "--target", "Rome", "--layer", "2", "--spread", "2", "--stats", "identity",
+        "--json", "--device", "cpu",
+    )
+    data = json.loads(out)
+    assert code == 0 and data["edits"][0]["status"] == "applied"
+    assert [p["layer"] for p in data["edits"][0]["parts"]] == [1, 2]
+    with pytest.raises(ValueError, match="config.spread: 2 layers ending at layer 0"):
+        run(capsys, "edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in",
+            "--subject", "The Eiffel Tower", "--target", "Rome", "--layer", "0", "--spread", "2",
+            "--stats", "identity", "--json", "--device", "cpu")
+
+
 def test_edit_requests_file_and_output(capsys, model_dir, tmp_path):
     reqs = tmp_path / "reqs.json"
     reqs.write_text(json.dumps([
