@@ -7,7 +7,7 @@ is needed.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -25,54 +25,54 @@ def input_device(adapter: ModelAdapter) -> torch.device:
     return emb.weight.device if emb is not None else next(adapter.model.parameters()).device
 
 
+def _read_at(
+    adapter: ModelAdapter, module: torch.nn.Module, what: str, prompts: Sequence[SubjectPrompt], pad: int,
+    read: Callable[[tuple, Any, Tensor, Tensor], Dict[str, Tensor]],
+) -> Dict[str, Tensor]:
+    """One batched forward pass up to ``module``; ``read(args, output, rows, cols)`` picks what is
+    needed at each prompt's subject-last token, then the pass stops."""
+    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
+    rows = torch.arange(len(prompts))
+    cols = torch.tensor([p.last for p in prompts])
+    store: Dict[str, Tensor] = {}
+
+    def hook(mod, args, output):
+        store.update(read(args, output, rows, cols))
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not store:
+        raise RuntimeError(f"the forward pass never reached {what}")
+    return store
+
+
+def _at(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return t[rows.to(t.device), cols.to(t.device)].float()
+
+
 @torch.no_grad()
 def capture_at(
     adapter: ModelAdapter, layer: int, prompts: Sequence[SubjectPrompt], pad: int
 ) -> Tuple[Tensor, Tensor]:
     """Keys (n, d_in) and values (n, d_out), fp32, at each prompt's subject-last token."""
-    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
-    rows = torch.arange(len(prompts))
-    cols = torch.tensor([p.last for p in prompts])
-    store = {}
-
-    def hook(module, args, output):
-        x = args[0]
-        store["k"] = x[rows.to(x.device), cols.to(x.device)].float()
-        store["v"] = output[rows.to(output.device), cols.to(output.device)].float()
-        raise StopForward
-
-    handle = adapter.module(layer).register_forward_hook(hook)
-    try:
-        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "k" not in store:
-        raise RuntimeError(f"the forward pass never reached {adapter.module_name(layer)}")
-    return store["k"], store["v"]
+    got = _read_at(
+        adapter, adapter.module(layer), adapter.module_name(layer), prompts, pad,
+        lambda args, output, rows, cols: {"k": _at(args[0], rows, cols), "v": _at(output, rows, cols)},
+    )
+    return got["k"], got["v"]
 
 
 @torch.no_grad()
 def capture_residual(adapter: ModelAdapter, layer: int, prompts: Sequence[SubjectPrompt], pad: int) -> Tensor:
     """The residual stream after ``layer``'s block (n, d_out), fp32, at each prompt's subject-last token."""
-    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
-    rows = torch.arange(len(prompts))
-    cols = torch.tensor([p.last for p in prompts])
-    store = {}
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        store["h"] = hidden[rows.to(hidden.device), cols.to(hidden.device)].float()
-        raise StopForward
+    def read(args, output, rows, cols):
+        return {"h": _at(output[0] if isinstance(output, (tuple, list)) else output, rows, cols)}
 
-    handle = adapter.block(layer).register_forward_hook(hook)
-    try:
-        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "h" not in store:
-        raise RuntimeError(f"the forward pass never reached block {layer}")
-    return store["h"]
+    return _read_at(adapter, adapter.block(layer), f"block {layer}", prompts, pad, read)["h"]
