@@ -22,7 +22,7 @@ CHECKPOINT_PANELS: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
     ("perplexity / unedited", (("ppl", "ME-PPL_50"), ("wikitext_ppl", "WikiText-2"))),
     ("generation entropy", (("entropy_norm", "n-gram entropy / unedited"),)),
 )
-LINESTYLES = ("-", "--", ":", "-.")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
     ("denominator_rel", "uᵀk / (‖u‖‖k‖)", True),
     ("update_ratio", "‖ΔW‖ / ‖W‖", True),
@@ -116,7 +116,8 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                     if name.startswith("perplexity"):  # relative to the run's first (unedited) checkpoint
                         ys = [y / ys[0] for y in ys] if ys[0] and pts[0]["edits"] == 0 else [math.nan] * len(ys)
                     tag = f"{label}: {what}" if len(data) > 1 else what
-                    ax.plot([p["edits"] for p in pts], ys, marker=".", color=f"C{j}", ls=LINESTYLES[r % 4], label=tag)
+                    ax.plot([p["edits"] for p in pts], ys, marker=".", color=f"C{j}",
+                            ls=LINESTYLES[r % len(LINESTYLES)], label=tag)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             _legend(ax)
