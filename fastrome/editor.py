@@ -334,20 +334,23 @@ class Editor:
 
     def _keys_and_values(
         self, reqs: List[EditRequest], layer: int, templates: List[str], recs: List[EditRecord], bar: Any
-    ) -> List[Tuple[Tensor, ValueResult, Optional[Tensor]]]:
+    ) -> List[Tuple[Optional[Tensor], ValueResult, Optional[Tensor]]]:
         """Keys of every request and their values, optimised together; time is shared equally.
         A spread edit also gets the residual stream after ``layer`` at its prompts (its target
         is that plus δ), read before any of these requests is written."""
         cfg, adapter = self.config, self.adapter
         with frozen(self.model):
             t0 = _now()
+            # A spread edit reads its keys layer by layer when it is applied; it needs the stream instead.
             keys, residuals = [], []
             for req in reqs:
                 prompts = edit_prompts(self.tokenizer, templates, req)
-                keys.append(capture_at(adapter, layer, prompts, pad_id(self.tokenizer))[0])
-                residuals.append(
-                    capture_residual(adapter, layer, prompts, pad_id(self.tokenizer)) if cfg.spread > 1 else None
-                )
+                if cfg.spread > 1:
+                    keys.append(None)
+                    residuals.append(capture_residual(adapter, layer, prompts, pad_id(self.tokenizer)))
+                else:
+                    keys.append(capture_at(adapter, layer, prompts, pad_id(self.tokenizer))[0])
+                    residuals.append(None)
             key_seconds = (_now() - t0) / len(reqs)
             t0 = _now()
             label = reqs[0].subject[:20] if len(reqs) == 1 else f"{len(reqs)} requests"
@@ -371,19 +374,9 @@ class Editor:
 
     def _apply(self, req: EditRequest, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> None:
         """Solve against the current weights, check the guards, write, journal."""
-        cfg, adapter = self.config, self.adapter
-        k_mean, k_plain = keys.mean(0), keys[0]
+        cfg = self.config
         t0 = _now()
-        self._remember_base(layer)
-        weight32, _ = self._weight32(layer)
-        plan = update.plan(
-            cfg.mode, self._solvers[layer], weight32, adapter.bias(layer), k_mean, k_plain, vr.v_star
-        )
-        total = self._total_ratio[layer] + plan.update_ratio
-        verdict = guards.check(
-            k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
-            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
-        )
+        plan, total, verdict = self._check_part(layer, keys, vr, v_star=vr.v_star)
         rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
         rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
         rec.interference = plan.interference
@@ -393,11 +386,7 @@ class Editor:
 
         t0 = _now()
         if verdict.ok or cfg.policy == "force":
-            _, master = self._weight32(layer)
-            floor = verdict.floor if verdict.ok else -math.inf
-            with torch.no_grad():
-                applied = update.write(adapter.weight(layer), plan, floor, master)
-            if applied:
+            if self._write_part(layer, plan, verdict):
                 rec.status = "applied" if verdict.ok else "forced"
                 self._total_ratio[layer] = total
             else:
@@ -410,9 +399,37 @@ class Editor:
             rec.edit_id = self.journal.next_id
             self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict()))
         self.last = EditArtifacts(
-            layer=layer, mode=cfg.mode, k_mean=k_mean, k_plain=k_plain, v_init=vr.v_init, v_star=vr.v_star,
+            layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=vr.v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
         )
+
+    def _check_part(
+        self, layer: int, keys: Tensor, vr: ValueResult, *, v_star: Optional[Tensor] = None,
+        change: Optional[Tensor] = None,
+    ) -> Tuple[update.UpdatePlan, float, guards.Verdict]:
+        """Plan ``layer``'s rank-one update against its current weight (for ``v_star``, or for an
+        output ``change`` at the key) and judge it: (plan, running ratio total after it, verdict)."""
+        cfg = self.config
+        self._remember_base(layer)
+        weight32, _ = self._weight32(layer)
+        plan = update.plan(
+            cfg.mode, self._solvers[layer], weight32, self.adapter.bias(layer), keys.mean(0), keys[0], v_star,
+            change=None if change is None else change.to(weight32.device),
+        )
+        total = self._total_ratio[layer] + plan.update_ratio
+        verdict = guards.check(
+            k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
+            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
+        )
+        return plan, total, verdict
+
+    def _write_part(self, layer: int, plan: update.UpdatePlan, verdict: guards.Verdict) -> bool:
+        """The guarded write of a checked plan (a refused one only under ``policy='force'``, which
+        drops the denominator floor); True if it was written."""
+        _, master = self._weight32(layer)
+        with torch.no_grad():
+            return bool(update.write(self.adapter.weight(layer), plan, verdict.floor if verdict.ok else -math.inf,
+                                     master))
 
     def _apply_spread(self, req: EditRequest, layer: int, vr: ValueResult, residual: Tensor, rec: EditRecord) -> None:
         """A spread edit: the layers below ``layer`` and ``layer`` itself, lowest first, each take
@@ -438,17 +455,12 @@ class Editor:
             t0 = _now()
             with frozen(self.model):
                 keys = capture_at(adapter, part_layer, prompts, pad_id(tok))[0]
-                now = at_key(capture_residual(adapter, layer, prompts, pad_id(tok)))
+                # Alone in its batch, nothing has been written since ``residual`` was read.
+                stream = residual if i == 0 and rec.batch == 1 else capture_residual(adapter, layer, prompts,
+                                                                                          pad_id(tok))
+                now = at_key(stream)
             share = (target - now.to(target.device)) / (len(layers) - i)
-            self._remember_base(part_layer)
-            weight32, _ = self._weight32(part_layer)
-            plan = update.plan(cfg.mode, self._solvers[part_layer], weight32, adapter.bias(part_layer),
-                               keys.mean(0), keys[0], None, change=share.to(weight32.device))
-            total = self._total_ratio[part_layer] + plan.update_ratio
-            verdict = guards.check(
-                k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
-                update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
-            )
+            plan, total, verdict = self._check_part(part_layer, keys, vr, change=share)
             rec.parts.append({
                 "layer": part_layer, "edit_id": None, "denominator": plan.denom, "denominator_rel": plan.denom_rel,
                 "denominator_floor": verdict.floor, "update_norm": plan.update_norm,
@@ -459,10 +471,7 @@ class Editor:
             if not (verdict.ok or cfg.policy == "force"):
                 break
             t0 = _now()
-            _, master = self._weight32(part_layer)
-            with torch.no_grad():
-                applied = update.write(adapter.weight(part_layer), plan, verdict.floor if verdict.ok else -math.inf,
-                                       master)
+            applied = self._write_part(part_layer, plan, verdict)
             write_seconds += _now() - t0
             if not applied:
                 rec.reasons.append(f"layer {part_layer}: the write refused non-finite values")

@@ -75,7 +75,6 @@ class CollapseRules:
             if not (isinstance(value, (int, float)) and value > 1):
                 raise ValueError(f"{name}: expected a number > 1, got {value!r}")
 
-
     def spike(self, value: Optional[float], history: Sequence[float], factor: float) -> Optional[float]:
         """The median of ``history`` when ``value`` is above ``factor`` times it, else None (also
         while ``history`` holds fewer than ``min_history`` values)."""
@@ -315,10 +314,9 @@ def run_sequential(
                 editor.undo(undo)
             if base_sentinel is not None:
                 # After an undo the model is back where it was; otherwise it is where ``now`` measured it.
-                kept_any = any(entry["status"] != "undone" for entry, _ in applied)
-                if kept_any and not undo:
+                if not undo:
                     last_sentinel = now
-                elif kept_any:
+                elif len(undo) < len(applied):  # part of a batch undone: measure what is left
                     last_sentinel = mean_perplexity(model, tok, sentinel)
             for entry, _ in applied:
                 log(entry)

@@ -182,3 +182,17 @@ def test_spread_that_does_not_fit_is_refused_before_anything_changes(make_tiny):
     with pytest.raises(ValueError, match=r"config.spread: 3 layers ending at layer 1 \(requests\[0\]\)"):
         ed.edit(REQS[0])
     assert all(torch.equal(x, y) for x, y in zip(weights(model), before))
+
+
+def test_batched_spread_edits_aim_at_the_stream_from_before_the_batch(make_tiny):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor(model, tok, layer=2, spread=2)
+    start = residual_at_key(ed, REQS[1], 2)
+    report = ed.edit(REQS, batch_size=2)
+    assert [r.status for r in report.records] == ["applied", "applied"] and [r.batch for r in report.records] == [2, 2]
+    assert [e.layer for e in ed.journal] == [1, 2, 1, 2] and ed.done_case_ids() == [1, 2]
+    # the second request's target is its stream before the batch plus its δ, reached although the
+    # first request's layers were written in between
+    delta = (ed.last.v_star - ed.last.v_init).double()
+    moved = residual_at_key(ed, REQS[1], 2) - start
+    assert float((moved - delta).norm()) <= 1e-4 * float(delta.norm()) + 1e-5
