@@ -148,6 +148,49 @@ def test_interference_spike_undoes_the_edit_before_any_perplexity_moves(make_tin
     assert torch.equal(ModelAdapter(model).weight(1), ModelAdapter(other).weight(1))
 
 
+def test_after_part_of_a_batch_is_undone_the_jump_reference_is_the_model_that_is_left(
+    make_tiny, tmp_path, monkeypatch
+):
+    # Batches [1, 2], [5, 6], [7, 8]: case 6 trips the interference rule and is undone alone, so
+    # the next batch's jump must be judged against the model holding 1, 2 and 5, neither the
+    # model that still had 6 nor the one before the batch.
+    import fastrome.sequential as seq
+
+    records = [RECORDS[0], RECORDS[1], RECORDS[4], RECORDS[5],
+               cf(7, "Mount Fuji", "{} is located in", "Peru", "Japan"),
+               cf(8, "The Nile", "{} flows through", "Canada", "Egypt")]
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path / "run")
+    plain_edit, plain_ppl = ed.edit, seq.mean_perplexity
+
+    def edit_inflating_case_6(requests, **kw):
+        report = plain_edit(requests, **kw)
+        for rec in report.records:
+            if rec.case_id == 6:
+                rec.interference *= 1e6
+        return report
+
+    def ppl_rising_once_case_8_is_in(m, t, texts):
+        value = plain_ppl(m, t, texts)
+        return value * 10 if 8 in {e.request["case_id"] for e in ed.journal} else value
+
+    ed.edit = edit_inflating_case_6
+    monkeypatch.setattr(seq, "mean_perplexity", ppl_rising_once_case_8_is_in)
+    rules = CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=2.0, norm_spike=1e9, min_history=2, action="undo")
+    go(ed, tmp_path / "run", records, rules=rules, batch_size=2)
+    log = {e["case_id"]: e for e in lines(tmp_path / "run" / "edits.jsonl")}
+    assert [log[c]["status"] for c in (1, 2, 5, 6, 7, 8)] == ["applied"] * 3 + ["undone"] * 3
+    assert "interference spike" in log[6]["collapse"][0] and not log[5]["collapse"]
+    jump = [f for f in log[8]["collapse"] if "jump" in f]
+    assert len(jump) == 1
+
+    monkeypatch.setattr(seq, "mean_perplexity", plain_ppl)
+    left = plain_ppl(model, tok, PPL)  # the run ends where the partial undo left it: [7, 8] were undone
+    with_6 = log[6]["sentinel_ppl"]  # what the batch [5, 6] measured before its partial undo
+    assert f"{left:.2f}" != f"{with_6:.2f}" and f"{left:.2f}" != f"{log[2]['sentinel_ppl']:.2f}"
+    assert jump[0].endswith(f"× {left:.2f} before the edit"), (jump, left)
+
+
 @pytest.mark.parametrize("name", ["sentinel_jump", "interference_spike", "norm_spike", "sentinel_ppl_ratio"])
 def test_rules_refuse_thresholds_that_flag_everything(name):
     with pytest.raises(ValueError, match=name):
