@@ -9,9 +9,10 @@ import os
 import time
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -184,15 +185,34 @@ class Editor:
         cfg = self.config
         for corpus, layers in corpus_layers.items():
             source = None if corpus is None or corpus.lower() in BUNDLED_WORDS else corpus
-            found = load_or_compute(
-                self.adapter, self.tokenizer, layers, corpus=source, tokens=cfg.stats_tokens,
-                max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
-                batch_tokens=cfg.stats_batch_tokens, packing=cfg.stats_packing, cache_root=self.cache_root,
-                progress=self.progress,
-            )
+            with self._unedited():
+                found = load_or_compute(
+                    self.adapter, self.tokenizer, layers, corpus=source, tokens=cfg.stats_tokens,
+                    max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
+                    batch_tokens=cfg.stats_batch_tokens, packing=cfg.stats_packing, cache_root=self.cache_root,
+                    progress=self.progress,
+                )
             for layer, sm in found.items():
                 self._solvers[layer] = self._solver_from_moment(layer, sm)
                 self._stats_source[layer] = sm.describe()
+
+    @contextmanager
+    def _unedited(self) -> Iterator[None]:
+        """The base weights in place of the edited ones for the duration, then the edited ones back
+        bit for bit. Statistics describe the unedited model: without this, a layer first needed
+        after edits below it (a spread edit, or any run resumed from its journal, which replays
+        the edits first) would get statistics of the edited model, so a resumed run would edit
+        differently from one never interrupted."""
+        edited = {layer: self.adapter.weight(layer).detach().clone() for layer in self._base}
+        try:
+            with torch.no_grad():
+                for layer in edited:
+                    self.adapter.weight(layer).copy_(self._base[layer])
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in edited.items():
+                    self.adapter.weight(layer).copy_(weight)
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
         C = sm.matrix

@@ -196,3 +196,29 @@ def test_batched_spread_edits_aim_at_the_stream_from_before_the_batch(make_tiny)
     delta = (ed.last.v_star - ed.last.v_init).double()
     moved = residual_at_key(ed, REQS[1], 2) - start
     assert float((moved - delta).norm()) <= 1e-4 * float(delta.norm()) + 1e-5
+
+
+def test_statistics_are_the_unedited_models_also_in_a_resumed_run(make_tiny, tmp_path):
+    # Keys at layer 2 depend on layer 1's down projection, which a spread edit over layers 1-2
+    # writes. A resumed run replays its journal before it first needs the statistics, which must
+    # still describe the unedited model; otherwise it edits differently from a run never stopped.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{i}: Rome is the capital of Italy. The Nile flows north." * (1 + i % 3)
+                                  for i in range(40)), encoding="utf-8")
+    kw = {**FAST, "stats": str(corpus), "stats_tokens": 600, "stats_max_len": 48, "layer": 2, "spread": 2}
+    model, tok = make_tiny("llama-bytelevel")
+    ed = Editor(model, tok, journal=tmp_path / "j", **kw)
+    probe = torch.randn(ModelAdapter(model).d_in, generator=torch.Generator().manual_seed(3))
+    ed.edit(REQS[0])
+    solved = [ed.solver(layer).solve(probe)[0] for layer in (1, 2)]
+
+    fresh, _ = make_tiny("llama-bytelevel")
+    resumed = Editor(fresh, tok, journal=tmp_path / "j", **kw)
+    replayed = weights(fresh)
+    assert all(same_bits(x, y) for x, y in zip(replayed, weights(model)))
+    assert all(torch.equal(resumed.solver(layer).solve(probe)[0], s) for layer, s in zip((1, 2), solved))
+    # reading the statistics put the edited weights back bit for bit
+    assert all(same_bits(x, y) for x, y in zip(weights(fresh), replayed))
+    resumed.edit(REQS[1])
+    ed.edit(REQS[1])
+    assert all(same_bits(x, y) for x, y in zip(weights(fresh), weights(model)))
