@@ -8,6 +8,9 @@ rank-one factors, all scaled by α) and ME-PPL_50 and the WikiText-2 paragraphs 
 are measured. α = 1 reproduces the run's own checkpoints; smaller α shows what gentler edits (a
 smaller residual v* − Wk, hence smaller Λ) would have cost over the same N edits.
 
+``--drift`` measures no perplexity: it prints ‖Σᵢ₌₁..ᴺ Λᵢuᵢᵀ‖/‖W₀‖ per edited layer for each count N
+of requests (a spread edit's layers count as one request), for runs at one layer or several.
+
 ``--without-interference-spikes`` leaves out the edits that the default interference-spike rule
 (``CollapseRules``: more than 10× the median interference of the edits kept before) would have
 undone. It approximates a run with that rule on ``undo``: the later edits' factors were computed
@@ -33,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default="1,0.5,0.25", help="comma-separated scales α")
     ap.add_argument("--without-interference-spikes", action="store_true",
                     help="leave out the edits the interference-spike rule flags")
+    ap.add_argument("--drift", action="store_true",
+                    help="only how far each edited layer has moved after each count, no perplexity")
     ap.add_argument("--wikitext", type=int, default=24)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -53,6 +58,14 @@ def main(argv=None) -> int:
     entries = Journal(Path(args.run) / "journal").entries
     if not entries:
         raise SystemExit(f"{args.run}: the journal holds no edits")
+    if args.drift:
+        rows = drift_rows(entries, ModelAdapter(model), [int(c) for c in args.counts.split(",")])
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if args.out:
+            meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "run": str(args.run)}
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return 0
     dropped = interference_spikes(entries) if args.without_interference_spikes else []
     if dropped:
         print(json.dumps({"left_out": dropped}), flush=True)
@@ -87,6 +100,27 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps({"meta": meta, "unedited": base, "left_out": dropped, "rows": rows},
                                              indent=1))
     return 0
+
+
+def drift_rows(entries, adapter, counts) -> list:
+    """``{"edits": N, "drift": {layer: ‖Σ Λᵢuᵢᵀ‖/‖W₀‖}}`` over the first N requests, for each N."""
+    import torch
+
+    starts = [i for i, e in enumerate(entries) if not e.record.get("part")]  # a request's first entry
+    rows = []
+    for n in counts:
+        if not 0 < n <= len(starts):
+            raise SystemExit(f"--counts: {n} is not in 1..{len(starts)} (requests in the journal)")
+        end = starts[n] if n < len(starts) else len(entries)
+        total = {}
+        for e in entries[:end]:
+            if e.layer not in total:
+                total[e.layer] = torch.zeros(adapter.weight(e.layer).shape, dtype=torch.float64)
+            total[e.layer] += torch.outer(e.lam.double().flatten(), e.u.double().flatten())
+        drift = {str(layer): round(float(t.norm() / adapter.weight(layer).detach().double().norm()), 4)
+                 for layer, t in sorted(total.items())}
+        rows.append({"edits": n, "drift": drift})
+    return rows
 
 
 def interference_spikes(entries) -> list:

@@ -579,6 +579,17 @@ class Editor:
         request, also for spread edits that wrote several layers."""
         return [group[0].record for group in _groups(self.journal.entries)]
 
+    def drift(self) -> Dict[int, float]:
+        """``{layer: ‖W − W₀‖_F / ‖W₀‖_F}`` for every layer this editor has written (W₀ its weight
+        before the first edit, computed in fp64): how far all edits so far, taken together, have
+        moved each matrix. Independent rank-one edits add up roughly like a random walk, so this
+        grows like √n times a single edit's ‖ΔW‖/‖W‖ rather than like their sum."""
+        out: Dict[int, float] = {}
+        for layer, base in sorted(self._base.items()):
+            b = base.double()
+            out[layer] = float((self.adapter.weight(layer).detach().double() - b).norm() / b.norm())
+        return out
+
     def undo(self, edit_ids: Union[int, Iterable[int]]) -> List[JournalEntry]:
         """Remove edits by id: each touched layer is rebuilt from its base weight and the remaining
         edits, so the weights equal those of a run in which these edits' factors were never added.

@@ -409,7 +409,8 @@ class Probes:
 
     def measure(self, editor: Any, records: Sequence[Any], done_ids: Sequence[Any]) -> Dict[str, Any]:
         """Retention of a sample of the edits so far (top-1 and efficacy score), specificity,
-        perplexities and generation entropy."""
+        perplexities, generation entropy, and how far the edited weights have moved (largest
+        ‖W − W₀‖/‖W₀‖ over the edited layers, and per layer)."""
         model, tok = editor.model, editor.tokenizer
         out: Dict[str, Any] = {"time": time.time()}
         by_id = {str(_case_id(r, i)): r for i, r in enumerate(records)}
@@ -434,6 +435,11 @@ class Probes:
                     )
                     wins = sum(s.mean_nll < t.mean_nll for (_, s, _), t in zip(pairs, true))
                     out["retention_score" + suffix] = wins / len(pairs)
+        drift = getattr(editor, "drift", None)
+        per_layer = drift() if callable(drift) else {}
+        if per_layer:
+            out["weight_drift"] = max(per_layer.values())
+            out["weight_drift_layers"] = {str(layer): value for layer, value in per_layer.items()}
         if self.locality:
             kept = [greedy_complete(model, tok, p, max_new_tokens=1) == first for p, first in self.locality]
             out["specificity"] = sum(kept) / len(kept)

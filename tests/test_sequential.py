@@ -69,6 +69,13 @@ def test_run_reports_bad_records_and_measures_periodically(make_tiny, tmp_path):
     assert all(p["ppl"] > 1 for p in points) and "retention" not in points[0]
     assert 0 <= points[-1]["retention"] <= 1 and points[-1]["retention_n"] == 4
     assert 0 <= points[-1]["specificity"] <= 1
+    # how far layer 1 has moved, against the untouched weight of the same random model
+    base = ModelAdapter(make_tiny("llama-bytelevel")[0]).weight(1).detach().double()
+    moved = float((ModelAdapter(model).weight(1).detach().double() - base).norm() / base.norm())
+    assert "weight_drift" not in points[0] and points[-1]["weight_drift_layers"] == {"1": points[-1]["weight_drift"]}
+    assert points[-1]["weight_drift"] == pytest.approx(moved, rel=1e-9) and 0 < points[1]["weight_drift"]
+    ed.undo_last(len(ed.done_case_ids()))
+    assert ed.drift() == {1: 0.0}
 
 
 @pytest.mark.parametrize("action", ["undo", "stop"])

@@ -21,6 +21,7 @@ CHECKPOINT_PANELS: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
     ("specificity", (("specificity", "locality prompts keeping their answer"),)),
     ("perplexity / unedited", (("ppl", "ME-PPL_50"), ("wikitext_ppl", "WikiText-2"))),
     ("generation entropy", (("entropy_norm", "n-gram entropy / unedited"),)),
+    ("weight drift", (("weight_drift", "largest ‖W − W₀‖ / ‖W₀‖ over the edited layers"),)),
 )
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
