@@ -103,24 +103,25 @@ def main(argv=None) -> int:
 
 
 def drift_rows(entries, adapter, counts) -> list:
-    """``{"edits": N, "drift": {layer: ‖Σ Λᵢuᵢᵀ‖/‖W₀‖}}`` over the first N requests, for each N."""
+    """``{"edits": N, "drift": {layer: ‖Σ Λᵢuᵢᵀ‖/‖W₀‖}}`` over the first N requests, for each N
+    (one pass over the journal, summing as it goes)."""
     import torch
 
     starts = [i for i, e in enumerate(entries) if not e.record.get("part")]  # a request's first entry
-    rows = []
     for n in counts:
         if not 0 < n <= len(starts):
             raise SystemExit(f"--counts: {n} is not in 1..{len(starts)} (requests in the journal)")
-        end = starts[n] if n < len(starts) else len(entries)
-        total = {}
-        for e in entries[:end]:
-            if e.layer not in total:
-                total[e.layer] = torch.zeros(adapter.weight(e.layer).shape, dtype=torch.float64)
-            total[e.layer] += torch.outer(e.lam.double().flatten(), e.u.double().flatten())
-        drift = {str(layer): round(float(t.norm() / adapter.weight(layer).detach().double().norm()), 4)
-                 for layer, t in sorted(total.items())}
-        rows.append({"edits": n, "drift": drift})
-    return rows
+    ends = {(starts[n] if n < len(starts) else len(entries)): n for n in counts}
+    total, norm0, rows = {}, {}, []
+    for i, e in enumerate(entries, start=1):
+        if e.layer not in total:
+            norm0[e.layer] = adapter.weight(e.layer).detach().double().norm()
+            total[e.layer] = torch.zeros(adapter.weight(e.layer).shape, dtype=torch.float64)
+        total[e.layer] += torch.outer(e.lam.double().flatten(), e.u.double().flatten())
+        if i in ends:
+            drift = {str(layer): round(float(t.norm() / norm0[layer]), 4) for layer, t in sorted(total.items())}
+            rows.append({"edits": ends[i], "drift": drift})
+    return sorted(rows, key=lambda row: row["edits"])
 
 
 def interference_spikes(entries) -> list:
