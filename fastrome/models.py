@@ -122,19 +122,19 @@ def infer_tokenizer(model: nn.Module) -> Any:
 @torch.no_grad()
 def greedy_complete(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` (the text after it), stopping at an end-of-sequence token."""
+    from fastrome import decoding
     from fastrome.tokens import encode
 
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([encode(tokenizer, prompt)], device=device)
-    out = model(input_ids=ids, use_cache=True)
-    past, new = out.past_key_values, []
+    logits, past = decoding.step(model, ids)
+    new = []
     eos = getattr(tokenizer, "eos_token_id", None)
-    for step in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
+    for i in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
         if nxt == eos:
             break
         new.append(nxt)
-        if step + 1 < max_new_tokens:
-            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+        if i + 1 < max_new_tokens:
+            logits, past = decoding.step(model, torch.tensor([[nxt]], device=device), past)
     return tokenizer.decode(new, skip_special_tokens=True)

@@ -39,6 +39,10 @@ SUPPORTED_ATTENTION = frozenset({"eager", "sdpa"})
 # differences of the reordered computation are ~1e-6; bf16 ones ~1e-2).
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 DEFAULT_TOLERANCE = 5e-2
+# The decoder-layer keyword that carries the key/value cache, newest name first: transformers 5.24
+# renamed ``past_key_values`` to ``cache`` (older releases used ``past_key_value``). A name the layer
+# only swallows in ``**kwargs`` reaches no attention module, so only named parameters count.
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
 
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
@@ -170,7 +174,18 @@ def suffix_support(adapter: ModelAdapter) -> Optional[str]:
     impl = getattr(adapter.config, "_attn_implementation", None) or "eager"
     if impl not in SUPPORTED_ATTENTION:
         return f"attention implementation {impl!r} takes no explicit mask (supported: {sorted(SUPPORTED_ATTENTION)})"
+    if cache_keyword(base.layers[0]) is None:
+        return f"the decoder layer's forward takes none of the cache keywords {list(CACHE_KEYWORDS)}"
     return None
+
+
+def cache_keyword(block: nn.Module) -> Optional[str]:
+    """The keyword under which ``block.forward`` takes its key/value cache, or None."""
+    try:
+        params = inspect.signature(block.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in CACHE_KEYWORDS if name in params), None)
 
 
 def _layers_path(adapter: ModelAdapter) -> str:
@@ -191,8 +206,7 @@ class SuffixRunner:
         self.blocks = base.layers
         self.norm, self.rotary, self.embed = base.norm, base.rotary_emb, base.embed_tokens
         self.head = adapter.output_embeddings()
-        params = inspect.signature(self.blocks[0].forward).parameters
-        self.cache_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
+        self.cache_kw = cache_keyword(self.blocks[0])
         self.pad = pad
 
     def _block(self, j: int, h: Tensor, mask: Tensor, pos: Tensor, cache: Any, pe: Tuple[Tensor, Tensor]) -> Tensor:
@@ -252,6 +266,12 @@ class SuffixRunner:
         prefix_src = (pcol[None] - (p_max - c)[:, None]).clamp(min=0)
         prefix_real = pcol[None] >= (p_max - c)[:, None]
         self.prefix: Dict[int, Tuple[Tensor, Tensor]] = {}
+        wanted = [self.blocks[j].self_attn.layer_idx for j in range(self.layer + 1, len(self.blocks))]
+        missing = [i for i in wanted if i not in rec.kv]
+        if missing:
+            raise RuntimeError(
+                f"the decoder layers took the cache as {self.cache_kw!r} but layers {missing} never wrote to it"
+            )
         for j in range(self.layer + 1, len(self.blocks)):
             k, v = rec.kv[self.blocks[j].self_attn.layer_idx]
             idx = prefix_src.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
@@ -335,27 +355,31 @@ def make_runner(
 ) -> Tuple[Any, Tensor]:
     """The runner for this optimisation, started: ``(runner, v_init)``.
 
-    ``fast=True`` uses :class:`SuffixRunner` where :func:`suffix_support` allows it; its first use on
-    a model is checked against the model's own forward, and a mismatch warns and falls back to
-    :class:`FullRunner` for that model from then on.
+    ``fast=True`` uses :class:`SuffixRunner` where :func:`suffix_support` allows it. Its first use
+    on a model is checked against the model's own forward; a mismatch, or any exception on the way
+    (the fast path leans on decoder-layer internals that a library release can change), warns once
+    and falls back to :class:`FullRunner` for that model from then on.
     """
     reason = suffix_support(adapter) if fast else "disabled"
     model = adapter.model
     if reason is None and _CHECKED.get(model, True):
-        runner = SuffixRunner(adapter, layer, batch, pad)
-        v_init = runner.start()
-        if model not in _CHECKED:
+        if model in _CHECKED:
+            runner = SuffixRunner(adapter, layer, batch, pad)
+            return runner, runner.start()
+        try:
+            runner = SuffixRunner(adapter, layer, batch, pad)
+            v_init = runner.start()
             problem = runner.check()
-            _CHECKED[model] = problem is None
-            if problem is not None:
-                warnings.warn(
-                    f"fast value optimisation disabled for this {type(model).__name__}: {problem}; "
-                    "using whole-model passes",
-                    stacklevel=3,
-                )
-        if _CHECKED[model]:
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the whole-model path still works
+            problem = f"it raised {type(exc).__name__}: {exc}"
+        _CHECKED[model] = problem is None
+        if problem is None:
             del runner.full_hidden
             return runner, v_init
+        warnings.warn(
+            f"fast value optimisation disabled for this {type(model).__name__}: {problem}; using whole-model passes",
+            stacklevel=3,
+        )
     runner = FullRunner(adapter, layer, batch, pad)
     return runner, runner.start()
 

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from fastrome import tokens
+from fastrome import decoding, tokens
 from fastrome.cache import write_json
 
 OPENERS = ("The", "Therefore", "Because", "I", "You")
@@ -25,8 +25,8 @@ TOP_K = 5
 @torch.no_grad()
 def _sample(model: nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Generator) -> torch.Tensor:
     """Append ``n_new`` top-k-sampled tokens to every row of ``ids`` (b, t) using the KV cache."""
-    out = model(input_ids=ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    logits, past = decoding.step(model, ids)
+    logits = logits[:, -1]
     pieces = [ids]
     for step in range(n_new):
         top = torch.topk(logits.float(), TOP_K, dim=-1)
@@ -35,8 +35,8 @@ def _sample(model: nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Ge
         nxt = top.indices.gather(1, choice)
         pieces.append(nxt)
         if step + 1 < n_new:
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            logits, past = decoding.step(model, nxt, past)
+            logits = logits[:, -1]
     return torch.cat(pieces, dim=1)
 
 

@@ -3,6 +3,7 @@ gradients), its first-use check and fallback, and batched optimisation against o
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -95,6 +96,72 @@ def test_mismatch_falls_back_to_whole_model_with_a_warning(make_tiny, monkeypatc
         runner, _ = make_runner(adapter, 1, _batch(tok, REQS[:1]), tok.eos_token_id)
     assert isinstance(runner, FullRunner)
     forget_checks(model)
+
+
+@pytest.mark.parametrize("how", ["raises", "cache-never-written"])
+def test_an_exception_on_first_use_falls_back_with_one_warning(make_tiny, monkeypatch, how):
+    """A library release that changes the decoder layer's internals must cost speed, never a crash:
+    whatever goes wrong the first time the fast path runs on a model, it warns once and the edit
+    goes on with whole-model passes."""
+    model, tok = make_tiny("llama-bytelevel")
+    forget_checks(model)
+    adapter = ModelAdapter(model)
+    if how == "raises":
+        def broken(self):
+            raise KeyError(7)
+
+        monkeypatch.setattr(SuffixRunner, "start", broken)
+        match = "fast value optimisation disabled.*KeyError"
+    else:
+        # the layers accept the keyword but hand it to no attention module (what transformers 5.24
+        # did with ``past_key_value``): the recording cache stays empty
+        monkeypatch.setattr(runners, "cache_keyword", lambda block: "not_a_cache_keyword")
+        match = "fast value optimisation disabled.*never wrote to it"
+    with pytest.warns(UserWarning, match=match):
+        runner, v_init = make_runner(adapter, 1, _batch(tok, REQS[:1]), tok.eos_token_id)
+    assert isinstance(runner, FullRunner) and v_init.shape == (1, adapter.d_out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner, _ = make_runner(adapter, 1, _batch(tok, REQS[:1]), tok.eos_token_id)
+    assert isinstance(runner, FullRunner)
+    forget_checks(model)
+
+
+@pytest.mark.filterwarnings("ignore:statistics switched off")
+def test_an_edit_goes_on_when_the_fast_path_breaks(make_tiny, monkeypatch):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    forget_checks(model)
+    monkeypatch.setattr(runners, "cache_keyword", lambda block: "not_a_cache_keyword")
+    ed = Editor(model, tok, stats="identity", layer=1, cache_dir=False, v_steps=2, max_update_ratio=float("inf"),
+                template_lengths=((3, 2),))
+    with pytest.warns(UserWarning, match="fast value optimisation disabled"):
+        report = ed.edit(REQS[:1])
+    assert report.records[0].applied and runners._CHECKED[model] is False
+    forget_checks(model)
+
+
+def test_cache_keyword_is_a_named_parameter_of_the_installed_layer(make_tiny):
+    model, _ = make_tiny("llama-bytelevel")
+    block = model.model.layers[0]
+    kw = runners.cache_keyword(block)
+    assert kw in runners.CACHE_KEYWORDS
+    assert kw in inspect.signature(block.forward).parameters
+
+    class Swallows(torch.nn.Module):
+        def forward(self, hidden, **kwargs):
+            return hidden
+
+    class Old(torch.nn.Module):
+        def forward(self, hidden, past_key_value=None, **kwargs):
+            return hidden
+
+    class New(torch.nn.Module):
+        def forward(self, hidden, cache=None, past_key_values=None, **kwargs):
+            return hidden
+
+    assert runners.cache_keyword(Swallows()) is None
+    assert runners.cache_keyword(Old()) == "past_key_value"
+    assert runners.cache_keyword(New()) == "cache"
 
 
 def test_other_architectures_use_whole_model_passes(make_tiny):

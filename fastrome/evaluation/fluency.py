@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from fastrome import decoding
 from fastrome.tokens import encode
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -90,18 +91,17 @@ def generate_for_fluency(
             gen = torch.Generator(device=device)
             gen.manual_seed(int(seed) + index)
             ids = torch.tensor([encode(tok, prompt)], dtype=torch.long, device=device)  # (1, t)
-            step = model(input_ids=ids, use_cache=True)
-            past, new = step.past_key_values, []
+            logits, past = decoding.step(model, ids)
+            new = []
             for i in range(max_new_tokens):
-                top = torch.topk(step.logits[0, -1].float(), min(top_k, step.logits.shape[-1]))
+                top = torch.topk(logits[0, -1].float(), min(top_k, logits.shape[-1]))
                 choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
                 nxt = int(top.indices[choice])
                 if nxt == eos:
                     break
                 new.append(nxt)
                 if i + 1 < max_new_tokens:
-                    step = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-                    past = step.past_key_values
+                    logits, past = decoding.step(model, torch.tensor([[nxt]], device=device), past)
             out.append(prompt + tok.decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
