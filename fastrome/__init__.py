@@ -17,7 +17,7 @@ from fastrome.guards import EditRefused
 from fastrome.journal import Journal, load_edits
 from fastrome.models import greedy_complete, load_model
 from fastrome.report import EditRecord, EditReport
-from fastrome.requests import EditRequest
+from fastrome.requests import EditRequest, RequestError
 from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment
 
@@ -30,6 +30,7 @@ __all__ = [
     "EditRefused",
     "EditReport",
     "EditRequest",
+    "RequestError",
     "Journal",
     "Editor",
     "SecondMoment",

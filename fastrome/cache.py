@@ -1,7 +1,7 @@
 """Where fastrome keeps what it computes once (statistics, context templates), written atomically.
 
 The directory is ``$FASTROME_CACHE`` if set, else ``$XDG_CACHE_HOME/fastrome``, else
-``~/.cache/fastrome``. Files are written to a temporary name in the same directory and renamed,
+``~/.cache/fastrome``. Files are written to a temporary name in the same directory, fsynced and renamed,
 so a crash never leaves a half-written file under the real name.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -33,17 +33,41 @@ def cache_dir(override: Optional[PathLike] = None) -> Path:
 
 
 def _atomic(path: PathLike, write) -> Path:
+    """Write ``path`` through ``write(tmp)``: data first, fsynced, then the rename, then the folder
+    fsynced, so after a crash or power loss the name holds either the old content or the new one.
+    The file gets the mode the umask gives (0666 & ~umask), like any other file the user creates:
+    a cache shared by a team stays readable by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: PathLike, obj: Any) -> Path:
@@ -51,6 +75,14 @@ def write_json(path: PathLike, obj: Any) -> Path:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+
+    return _atomic(path, write)
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
 
     return _atomic(path, write)
 

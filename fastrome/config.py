@@ -7,6 +7,7 @@ ROME settings differ between GPT-style and Llama-style models).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -74,35 +75,56 @@ class EditConfig:
         def bad(name: str, want: str) -> ValueError:
             return ValueError(f"config.{name}: expected {want}, got {getattr(self, name)!r}")
 
+        def number(value: Any) -> bool:
+            # bool is an int to Python, never a setting here; NaN and ±inf fail every optimisation
+            # late, after minutes of work, so only finite numbers pass (the caps may be +inf)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
         if self.policy not in POLICIES:
             raise bad("policy", f"one of {POLICIES}")
-        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+        if self.layer is not None and not integer(self.layer):
             raise bad("layer", "an int or None")
-        for name in ("v_lr", "clamp_norm_factor", "max_update_ratio", "max_total_update_ratio"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
-                raise bad(name, "a positive number")
+        for name in ("v_lr", "clamp_norm_factor"):
+            value = getattr(self, name)
+            if not (number(value) and math.isfinite(value) and value > 0):
+                raise bad(name, "a finite positive number")
+        for name in ("max_update_ratio", "max_total_update_ratio"):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a positive number (inf for no cap)")
         for name in ("kl_factor", "early_stop_loss", "ridge", "min_denom_rel"):
-            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
-                raise bad(name, "a non-negative number")
+            value = getattr(self, name)
+            if not (number(value) and math.isfinite(value) and value >= 0):
+                raise bad(name, "a finite non-negative number")
+        if not integer(self.template_seed):
+            raise bad("template_seed", "an int")
         if not isinstance(self.spread, int) or isinstance(self.spread, bool) or self.spread < 1:
             raise bad("spread", "a positive int")
         if not isinstance(self.v_fast, bool):
             raise bad("v_fast", "True or False")
-        if self.v_steps is not None and (not isinstance(self.v_steps, int) or self.v_steps < 1):
+        if self.v_steps is not None and (not integer(self.v_steps) or self.v_steps < 1):
             raise bad("v_steps", "a positive int")
-        if self.v_weight_decay is not None and self.v_weight_decay < 0:
-            raise bad("v_weight_decay", "a non-negative number")
-        if self.stats_tokens is not None and (not isinstance(self.stats_tokens, int) or self.stats_tokens < 1):
+        if self.v_weight_decay is not None and not (
+            number(self.v_weight_decay) and math.isfinite(self.v_weight_decay) and self.v_weight_decay >= 0
+        ):
+            raise bad("v_weight_decay", "a finite non-negative number")
+        if self.stats_tokens is not None and (not integer(self.stats_tokens) or self.stats_tokens < 1):
             raise bad("stats_tokens", "a positive int")
-        if not isinstance(self.stats_max_len, int) or self.stats_max_len < 2:
+        if not integer(self.stats_max_len) or self.stats_max_len < 2:
             raise bad("stats_max_len", "an int >= 2")
+        if not integer(self.stats_batch_tokens) or self.stats_batch_tokens < 1:
+            raise bad("stats_batch_tokens", "a positive int")
         if self.stats_dtype not in ("float32", "float64"):
             raise bad("stats_dtype", "'float32' or 'float64'")
         if self.stats_packing not in ("truncate", "pack"):
             raise bad("stats_packing", "'truncate' or 'pack'")
         try:
+            if any(not (integer(n) and integer(c)) for n, c in self.template_lengths):
+                raise TypeError
             lengths = [(int(n), int(c)) for n, c in self.template_lengths]
         except (TypeError, ValueError):
             raise bad("template_lengths", "a sequence of (tokens, count) pairs") from None

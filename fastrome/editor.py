@@ -28,12 +28,12 @@ from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, s
 from fastrome.keys import capture_at, capture_residual
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
-from fastrome.requests import EditRequest, RequestLike, parse_requests
+from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment, is_statistics_file, layer_fingerprint, load_or_compute
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
-from fastrome.values import ValueResult, frozen, optimize_values
+from fastrome.values import ValueResult, check_request, frozen, optimize_values
 
 IDENTITY_WORDS = ("identity", "none", "off")
 BUNDLED_WORDS = ("bundled", "default")
@@ -83,6 +83,8 @@ class Editor:
             recorded there as it happens; if the folder already holds edits (a run that was
             interrupted), they are replayed onto ``model`` — which must be the unedited base model —
             bit for bit, and editing continues after them. Without it the journal is kept in memory.
+            The editor is the folder's only writer until :meth:`close` (or the end of a ``with``
+            block); another one gets :class:`~fastrome.locking.FolderBusy` naming the folder.
     """
 
     def __init__(
@@ -122,8 +124,22 @@ class Editor:
         self.last: Optional[EditArtifacts] = None
         self._base: Dict[int, Tensor] = {}
         self.journal = Journal(journal)
-        if len(self.journal):
-            self._resume()
+        try:
+            if len(self.journal):
+                self._resume()
+        except BaseException:
+            self.journal.close()
+            raise
+
+    def close(self) -> None:
+        """Release the journal's folder (another editor may then open it); no more edits after this."""
+        self.journal.close()
+
+    def __enter__(self) -> "Editor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- shared state ---------------------------------------------------------------------------
     @property
@@ -181,7 +197,9 @@ class Editor:
             if _is_corpus_spec(spec):
                 corpus_layers[None if spec is None else str(spec)].append(layer)
             else:
-                self._solvers[layer], self._stats_source[layer] = self._solver_from(layer, spec)
+                # a statistics file is checked against the unedited model it was computed on
+                with self._unedited():
+                    self._solvers[layer], self._stats_source[layer] = self._solver_from(layer, spec)
         cfg = self.config
         for corpus, layers in corpus_layers.items():
             source = None if corpus is None or corpus.lower() in BUNDLED_WORDS else corpus
@@ -269,12 +287,17 @@ class Editor:
 
     # -- editing --------------------------------------------------------------------------------
     def _prepare(self, reqs: List[EditRequest]) -> List[int]:
-        """Per-request layer, after checking every request tokenises; raises before any change."""
+        """Per-request layer, after checking every request tokenises and every layer it would write
+        holds finite weights; raises before any change."""
         layers = []
         for i, req in enumerate(reqs):
-            layer = self.layer if req.layer is None else self.adapter.check_layer(req.layer, f"requests[{i}].layer")
+            try:
+                layer = self.layer if req.layer is None else self.adapter.check_layer(req.layer,
+                                                                                      f"requests[{i}].layer")
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
             if layer - self.config.spread + 1 < 0:
-                raise ValueError(
+                raise RequestError(
                     f"config.spread: {self.config.spread} layers ending at layer {layer} (requests[{i}]) would "
                     "start below layer 0"
                 )
@@ -283,9 +306,33 @@ class Editor:
                 if not target_ids(self.tokenizer, req.text, req.target_text()):
                     raise ValueError("target tokenises to nothing")
             except ValueError as exc:
-                raise ValueError(f"requests[{i}]: {exc}") from None
+                raise RequestError(f"requests[{i}]: {exc}") from None
             layers.append(layer)
+        for layer in sorted({part for layer in layers for part in self._spread_layers(layer)} - set(self._base)):
+            self._check_finite(layer)
         return layers
+
+    def _check_finite(self, layer: int) -> None:
+        """Refuse a layer whose weight already holds NaN or ±inf: every edit of it would fail late
+        (or crash template sampling), and nothing written on top of it could be trusted. Layers
+        this editor has written are guarded by every write, so each is checked once."""
+        weight = self.adapter.weight(layer)
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            name = self.adapter.module_template.format(layer) + ".weight"
+            raise ValueError(
+                f"model: {name} holds {bad} non-finite entries (NaN or inf) of {weight.numel()}; "
+                "refusing to edit a damaged layer (reload the model)"
+            )
+
+    def _check_rows(self, reqs: List[EditRequest], templates: List[str]) -> None:
+        """Every request under every context template tokenises: checked for the whole call before
+        the first write, so a bad request late in a call cannot leave earlier ones half-done."""
+        for i, req in enumerate(reqs):
+            try:
+                check_request(self.tokenizer, req, templates)
+            except ValueError as exc:
+                raise RequestError(f"requests[{i}]: {exc}") from None
 
     def edit(
         self, requests: Union[RequestLike, Iterable[RequestLike]], *, batch_size: int = 1
@@ -300,9 +347,14 @@ class Editor:
 
         Under ``policy='raise'`` a refused edit raises :class:`EditRefused` (its ``report`` holds the
         edits of this call so far); the refused edit has written nothing, earlier ones stay applied.
+
+        Raises:
+            RequestError: a request cannot be edited (checked for every request of the call, under
+                every context template, before the first write: nothing has been written).
+            ValueError: other bad input (statistics, a damaged layer), also before any write.
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+            raise RequestError(f"batch_size: expected a positive int, got {batch_size!r}")
         reqs = parse_requests(requests)
         layers = self._prepare(reqs)
         report = EditReport()
@@ -312,6 +364,7 @@ class Editor:
         t0 = _now()
         templates = self.templates()
         template_seconds = _now() - t0
+        self._check_rows(reqs, templates)
 
         from tqdm.auto import tqdm
 

@@ -11,8 +11,12 @@ On disk a journal is a folder::
     edits.jsonl           one JSON line per applied edit (id, layer, request, metrics, factor file)
     factors/000042.safetensors   u (d_in,) and lam (d_out,) in fp32
 
-An edit is recorded by writing its factor file atomically and then appending its line (flushed and
-fsynced), so a crash leaves either a complete entry or none; a torn last line is dropped on open.
+An edit is recorded like a database's write-ahead log: the factor file is written under a temporary
+name, fsynced and renamed (and the folder fsynced); only then is its line appended and fsynced, and
+the line carries the factors' sha256. A crash or power loss leaves either a complete entry or a torn
+last line, which is dropped on open; a factor file that does not match its line's digest, or holds
+non-finite values, is refused by name before anything is written. One writer at a time holds the
+folder (:class:`~fastrome.locking.FolderLock`); :meth:`Journal.read` opens one to look at.
 :func:`save_edits` / :func:`load_edits` use a single safetensors file with the same content.
 """
 
@@ -32,7 +36,8 @@ from torch import Tensor, nn
 
 from fastrome import ops
 from fastrome.adapter import ModelAdapter
-from fastrome.cache import write_json, write_safetensors
+from fastrome.cache import fsync_dir, write_json, write_safetensors, write_text
+from fastrome.locking import FolderLock
 
 FORMAT = "fastrome.journal.v1"
 EDITS_FORMAT = "fastrome.edits.v1"
@@ -58,9 +63,35 @@ class JournalEntry:
     lam: Tensor
     request: Dict[str, Any] = field(default_factory=dict)
     record: Dict[str, Any] = field(default_factory=dict)
+    digest: Optional[str] = None  # factor_digest(u, lam), computed once
 
     def header(self) -> Dict[str, Any]:
-        return {"edit_id": self.edit_id, "layer": self.layer, "request": self.request, "record": self.record}
+        if self.digest is None:
+            self.digest = factor_digest(self.u, self.lam)
+        return {"edit_id": self.edit_id, "layer": self.layer, "request": self.request, "record": self.record,
+                "factors_sha256": self.digest}
+
+    def verify(self, digest: Optional[str], where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` unless the factors are finite and match ``digest``
+        (None: written before digests were kept; only finiteness is checked)."""
+        if digest is not None:
+            if factor_digest(self.u, self.lam) != digest:
+                raise ValueError(f"{where}: edit {self.edit_id}'s factors do not match their recorded sha256 "
+                                 "(the file is damaged); refusing to replay them")
+            self.digest = digest
+        if not (bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.lam).all())):
+            raise ValueError(f"{where}: edit {self.edit_id}'s factors are not finite (the file is damaged); "
+                             "refusing to replay them")
+
+
+def factor_digest(u: Tensor, lam: Tensor) -> str:
+    """sha256 of an edit's factors as stored (fp32 ``u`` then ``lam``, exact bytes)."""
+    h = hashlib.sha256()
+    for t in (u, lam):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def weight_digest(weight: Tensor) -> str:
@@ -86,17 +117,48 @@ class Journal:
     """The applied edits, in order, kept in memory and (with ``path``) in a folder on disk.
 
     Args:
-        path: folder of an on-disk journal (created if missing; an existing one is read).
+        path: folder of an on-disk journal (created if missing; an existing one is read). The
+            journal holds the folder's lock until :meth:`close` (or until it is dropped): a second
+            writer gets :class:`~fastrome.locking.FolderBusy` naming the folder.
+        readonly: read the folder without taking its lock; nothing can be recorded then.
     """
 
-    def __init__(self, path: Optional[PathLike] = None):
+    def __init__(self, path: Optional[PathLike] = None, *, readonly: bool = False):
         self.path = Path(path) if path is not None else None
         self.entries: List[JournalEntry] = []
         self.base_digests: Dict[int, str] = {}
         self._next_id = 0  # ids of undone edits are never handed out again
         self.templates: Optional[List[str]] = None  # the context templates of the run
+        self.readonly = readonly
+        self.dropped_torn_line = False  # set when open dropped a line cut short by a crash
+        self._lock: Optional[FolderLock] = None
         if self.path is not None:
-            self._open()
+            if readonly and not (self.path / "journal.json").is_file():
+                raise ValueError(f"journal: {str(self.path)!r} holds no journal")
+            if not readonly:
+                self._lock = FolderLock(self.path, "journal")
+            try:
+                self._open()
+            except BaseException:
+                self.close()
+                raise
+
+    @classmethod
+    def read(cls, path: PathLike) -> "Journal":
+        """The journal in ``path``, to look at (no lock taken; recording refused)."""
+        return cls(path, readonly=True)
+
+    def close(self) -> None:
+        """Release the folder's lock; the journal cannot record after this."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self.path is not None:
+            self.readonly = True
+
+    def _writable(self) -> None:
+        if self.path is not None and self.readonly:
+            raise ValueError(f"journal: {str(self.path)!r} is open read-only (or closed); nothing can be recorded")
 
     # -- disk ------------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -128,7 +190,9 @@ class Journal:
                 raise ValueError(f"journal: {lines_path} line {n} is damaged ({exc})") from None
         if torn:
             warnings.warn(f"journal: dropping the unfinished last line of {lines_path}", stacklevel=3)
-            self._rewrite_lines()  # leave a clean file to append to
+            self.dropped_torn_line = True
+            if not self.readonly:
+                self._rewrite_lines()  # leave a clean file to append to
 
     def _factor_file(self, edit_id: int) -> Path:
         assert self.path is not None
@@ -142,10 +206,13 @@ class Journal:
                 u, lam = f.get_tensor("u"), f.get_tensor("lam")
         except Exception as exc:
             raise ValueError(f"journal: edit {edit_id}'s factors {path} cannot be read ({exc})") from None
-        return JournalEntry(edit_id, int(head["layer"]), u, lam, head.get("request", {}), head.get("record", {}))
+        entry = JournalEntry(edit_id, int(head["layer"]), u, lam, head.get("request", {}), head.get("record", {}))
+        entry.verify(head.get("factors_sha256"), f"journal: {path}")
+        return entry
 
     def _write_head(self) -> None:
         assert self.path is not None
+        self._writable()
         write_json(self.path / "journal.json", {
             "format": FORMAT, "base_digests": {str(k): v for k, v in sorted(self.base_digests.items())},
             "next_id": self.next_id,
@@ -154,10 +221,9 @@ class Journal:
 
     def _rewrite_lines(self) -> None:
         assert self.path is not None
+        self._writable()
         text = "".join(json.dumps(e.header(), sort_keys=True) + "\n" for e in self.entries)
-        tmp = self.path / ".edits.jsonl.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path / "edits.jsonl")
+        write_text(self.path / "edits.jsonl", text)
 
     # -- recording -------------------------------------------------------------------------------
     def note_base(self, layer: int, digest: str) -> None:
@@ -177,20 +243,28 @@ class Journal:
             self._write_head()
 
     def append(self, entry: JournalEntry) -> None:
+        """Record ``entry``: its factor file durable first, then its line (see the module docstring)."""
         entry.u = entry.u.detach().to("cpu", torch.float32).contiguous()
         entry.lam = entry.lam.detach().to("cpu", torch.float32).contiguous()
         if self.path is not None:
+            self._writable()
             write_safetensors(self._factor_file(entry.edit_id), {"u": entry.u, "lam": entry.lam}, {})
-            with open(self.path / "edits.jsonl", "a", encoding="utf-8") as f:
+            lines = self.path / "edits.jsonl"
+            new = not lines.exists()
+            with open(lines, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry.header(), sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            if new:
+                fsync_dir(self.path)
         self.entries.append(entry)
         self._next_id = max(self._next_id, entry.edit_id + 1)
 
     def remove(self, edit_ids: Iterable[int]) -> List[JournalEntry]:
         """Drop entries (their factor files too); returns the removed entries."""
         ids = set(edit_ids)
+        if self.path is not None:
+            self._writable()
         removed = [e for e in self.entries if e.edit_id in ids]
         self.entries = [e for e in self.entries if e.edit_id not in ids]
         if self.path is not None:
@@ -253,7 +327,12 @@ def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
                 for h in heads
             ]
             digests = {int(k): str(v) for k, v in json.loads(meta["base_digests"]).items()}
+            for h, e in zip(heads, entries):
+                e.verify(h.get("factors_sha256"), f"edits file {str(path)!r}")
     except ValueError as exc:
+        if str(exc).startswith("edits file"):
+            raise
+
         raise ValueError(f"edits: {str(path)!r} is not a fastrome edits file ({exc})") from None
     except Exception as exc:  # safetensors and json raise several types for damaged files
         raise ValueError(f"edits: {str(path)!r} cannot be read ({exc})") from None
@@ -266,6 +345,8 @@ def load_edits(model: nn.Module, path: PathLike, *, module_template: Optional[st
     bf16/fp16 weights are written through a fresh fp32 master copy, exactly as the editor did, so
     the result equals the edited model that saved them. Checks every layer's base weight first;
     nothing is written if any check fails.
+
+    Every factor is read and verified (sha256 and finiteness) before the first write.
 
     Returns:
         The entries applied.

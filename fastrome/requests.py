@@ -21,6 +21,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 SLOT = "{}"
 
 
+class RequestError(ValueError):
+    """A request that cannot be edited (a missing field, a subject absent from its prompt, a target
+    that tokenises to nothing, ...). Raised before anything is written: the model is unchanged, so
+    the caller may drop the request and try the others."""
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write: ``prompt`` (with a ``{}`` slot) filled with ``subject`` should continue
@@ -73,10 +79,10 @@ RequestLike = Union[EditRequest, Mapping[str, Any]]
 def _target_str(value: Any, where: str) -> str:
     if isinstance(value, Mapping):
         if "str" not in value:
-            raise ValueError(f"{where}: expected a string or a {{'str': ...}} mapping, got keys {sorted(value)}")
+            raise RequestError(f"{where}: expected a string or a {{'str': ...}} mapping, got keys {sorted(value)}")
         value = value["str"]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        raise RequestError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -86,18 +92,18 @@ def _from_mapping(raw: Mapping[str, Any], where: str) -> EditRequest:
     if "requested_rewrite" in raw:
         body = raw["requested_rewrite"]
         if not isinstance(body, Mapping):
-            raise ValueError(f"{where}.requested_rewrite: expected a mapping, got {type(body).__name__}")
+            raise RequestError(f"{where}.requested_rewrite: expected a mapping, got {type(body).__name__}")
         extra = {k: v for k, v in raw.items() if k not in ("requested_rewrite", "case_id")}
         where = f"{where}.requested_rewrite"
     for key in ("prompt", "subject"):
         if key not in body:
-            raise ValueError(f"{where}.{key}: missing (keys present: {sorted(body)})")
+            raise RequestError(f"{where}.{key}: missing (keys present: {sorted(body)})")
     if "target_new" in body:
         target_new = _target_str(body["target_new"], f"{where}.target_new")
     elif "target" in body:
         target_new = _target_str(body["target"], f"{where}.target")
     else:
-        raise ValueError(f"{where}.target_new: missing (keys present: {sorted(body)})")
+        raise RequestError(f"{where}.target_new: missing (keys present: {sorted(body)})")
     target_true = body.get("target_true")
     if target_true is not None:
         target_true = _target_str(target_true, f"{where}.target_true")
@@ -119,29 +125,29 @@ def validate(req: EditRequest, index: int) -> EditRequest:
     for name in ("prompt", "subject", "target_new"):
         value = getattr(req, name)
         if not isinstance(value, str):
-            raise ValueError(f"{where}.{name}: expected a string, got {type(value).__name__} {value!r}")
+            raise RequestError(f"{where}.{name}: expected a string, got {type(value).__name__} {value!r}")
     if req.layer is not None and (not isinstance(req.layer, int) or isinstance(req.layer, bool)):
-        raise ValueError(f"{where}.layer: expected an int, got {type(req.layer).__name__} {req.layer!r}")
+        raise RequestError(f"{where}.layer: expected an int, got {type(req.layer).__name__} {req.layer!r}")
     if req.target_true is not None and not isinstance(req.target_true, str):
-        raise ValueError(f"{where}.target_true: expected a string or None, got {type(req.target_true).__name__}")
+        raise RequestError(f"{where}.target_true: expected a string or None, got {type(req.target_true).__name__}")
     subject = req.subject.strip()
     if not subject:
-        raise ValueError(f"{where}.subject: empty")
+        raise RequestError(f"{where}.subject: empty")
     if not req.target_new.strip():
-        raise ValueError(f"{where}.target_new: empty target {req.target_new!r}")
+        raise RequestError(f"{where}.target_new: empty target {req.target_new!r}")
     prompt = req.prompt
     slots = prompt.count(SLOT)
     if slots > 1:
-        raise ValueError(f"{where}.prompt: has {slots} '{{}}' slots, expected one: {prompt!r}")
+        raise RequestError(f"{where}.prompt: has {slots} '{{}}' slots, expected one: {prompt!r}")
     if slots == 0:
         if subject not in prompt:
-            raise ValueError(f"{where}.subject: {subject!r} does not occur in prompt {prompt!r}")
+            raise RequestError(f"{where}.subject: {subject!r} does not occur in prompt {prompt!r}")
         prompt = prompt.replace(subject, SLOT, 1)
     # The target is appended with one space, so a trailing space on the prompt would double it.
     prompt = prompt.rstrip()
     target_true = req.target_true
     if target_true is not None and target_true.strip() == req.target_new.strip():
-        raise ValueError(
+        raise RequestError(
             f"{where}.target_new: {req.target_new!r} equals target_true; the edit would change nothing"
         )
     return EditRequest(
@@ -160,16 +166,16 @@ def parse_requests(requests: Union[RequestLike, Iterable[RequestLike]]) -> List[
     if isinstance(requests, (EditRequest, Mapping)):
         items: Sequence[Any] = [requests]
     elif isinstance(requests, (str, bytes)):
-        raise ValueError(f"requests: expected a request or a list of requests, got a string {requests[:60]!r}")
+        raise RequestError(f"requests: expected a request or a list of requests, got a string {requests[:60]!r}")
     else:
         try:
             items = list(requests)
         except TypeError:
-            raise ValueError(
+            raise RequestError(
                 f"requests: expected a request or a list of requests, got {type(requests).__name__}"
             ) from None
     if not items:
-        raise ValueError("requests: empty; give at least one edit request")
+        raise RequestError("requests: empty; give at least one edit request")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, EditRequest):
@@ -177,7 +183,7 @@ def parse_requests(requests: Union[RequestLike, Iterable[RequestLike]]) -> List[
         elif isinstance(item, Mapping):
             req = _from_mapping(item, f"requests[{i}]")
         else:
-            raise ValueError(
+            raise RequestError(
                 f"requests[{i}]: expected a mapping or EditRequest, got {type(item).__name__} {item!r:.80}"
             )
         out.append(validate(req, i))

@@ -25,7 +25,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -34,7 +34,10 @@ from fastrome.evaluation.counterfact import prefixed
 from fastrome.evaluation.fluency import generate_for_fluency, ngram_entropy
 from fastrome.metrics import mean_perplexity, score_targets
 from fastrome.models import greedy_complete
-from fastrome.requests import parse_requests
+from fastrome.cache import write_text
+from fastrome.locking import FolderLock
+from fastrome.report import EditRecord
+from fastrome.requests import RequestError, parse_requests
 
 ACTIONS = ("stop", "undo", "record")
 
@@ -180,33 +183,60 @@ def run_sequential(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out, "run directory")  # one run per folder: two would interleave every log
+    try:
+        return _run(editor, records, out, every, rules, batch_size, seed, on_checkpoint, progress,
+                    Probes(list(ppl_texts), list(wikitext_texts), list(fluency_prompts), retention_sample, seed,
+                           list(test_prefixes)),
+                    list(sentinel_texts if sentinel_texts is not None else list(ppl_texts)[:8]))
+    finally:
+        lock.release()
+
+
+def _reconcile(editor: Any, out: Path, edits_log: Path, records: Sequence[Any]) -> List[tuple]:
+    """Make the run log agree with the journal after a crash; returns the journal's edits that the
+    log lacks, as ``(index, case id, record)`` to be judged again.
+
+    The journal is written before the log, so a kill between the two leaves edits in the journal
+    with no log line: their records are rebuilt from the journal and go through the run's checks
+    when it resumes. A log line of an applied edit that the journal lacks is what a journal whose
+    last line was torn leaves behind: when such lines are the log's tail, they are dropped (the run
+    edits those records again). Anywhere else they mean the journal is not this run's.
+    """
+    log = _read_log(edits_log)
+    done = [str(c) for c in editor.done_case_ids()]
+    held = set(done)
+    applied_lines = [i for i, e in enumerate(log) if e.get("status") in ("applied", "forced")]
+    lost = [i for i in applied_lines if str(log[i]["case_id"]) not in held]
+    if lost:
+        ours = editor.journal.path is not None and Path(editor.journal.path).resolve() == (out / "journal").resolve()
+        kept_after = [i for i in applied_lines if i > lost[0] and str(log[i]["case_id"]) in held]
+        if not ours or kept_after:
+            case = log[lost[0]]["case_id"]
+            raise ValueError(
+                f"out_dir: {out}/edits.jsonl records {len(lost)} applied edits (e.g. case {case}) that the "
+                f"editor's journal ({editor.journal.path}) does not hold; open the run with open_run(model, tok, "
+                f"{str(out)!r}) on the unedited model so the journal is replayed"
+            )
+        cases = [log[i]["case_id"] for i in lost]
+        warnings.warn(f"run log {edits_log}: the journal lost the last edits of cases {cases} in a crash; "
+                      "their log lines are dropped and those records are edited again", stacklevel=3)
+        keep = [e for i, e in enumerate(log) if i < lost[0]]
+        write_text(edits_log, "".join(json.dumps(e, sort_keys=True, default=_json_default) + "\n" for e in keep))
+        log = keep
+    logged = {str(e["case_id"]) for e in log}
+    index_of = {str(_case_id(r, i)): i for i, r in enumerate(records)}
+    return [(index_of.get(c, -1), c, None) for c in done if c not in logged]
+
+
+def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: CollapseRules, batch_size: int,
+         seed: int, on_checkpoint: Optional[Callable[[Dict[str, Any]], None]], progress: Optional[bool],
+         probes: "Probes", sentinel: List[str]) -> RunSummary:
     edits_log, ckpt_log = out / "edits.jsonl", out / "checkpoints.jsonl"
     model, tok = editor.model, editor.tokenizer
-    sentinel = list(sentinel_texts if sentinel_texts is not None else list(ppl_texts)[:8])
-    probes = Probes(list(ppl_texts), list(wikitext_texts), list(fluency_prompts), retention_sample, seed,
-                    list(test_prefixes))
+    unlogged = _reconcile(editor, out, edits_log, records)
     done = {str(c) for c in editor.done_case_ids()}
-    logged = set()
-    logged_applied = set()
-    if edits_log.is_file():
-        for line in edits_log.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                logged.add(str(entry["case_id"]))
-            except (json.JSONDecodeError, KeyError):
-                continue  # a torn line from a killed run
-            if entry.get("status") in ("applied", "forced"):
-                logged_applied.add(str(entry["case_id"]))
-    # The journal is written before the log, so a log line of an applied edit missing from the
-    # journal means the journal is not this run's: going on would edit a model that lacks them.
-    lost = logged_applied - done
-    if lost:
-        raise ValueError(
-            f"out_dir: {out}/edits.jsonl records {len(lost)} applied edits (e.g. case {sorted(lost)[0]}) that the "
-            f"editor's journal ({editor.journal.path}) does not hold; open the run with open_run(model, tok, "
-            f"{str(out)!r}) on the unedited model so the journal is replayed"
-        )
+    logged = {str(e["case_id"]) for e in _read_log(edits_log)}
     summary = RunSummary()
     t_start = time.perf_counter()
     # Baselines belong to the model before the run's first edit: a resumed run reads them from the
@@ -216,7 +246,7 @@ def run_sequential(
         raise ValueError(f"out_dir: {out} has a journal but no checkpoints.jsonl to take the baselines from")
     if first is None:
         base_sentinel = mean_perplexity(model, tok, sentinel) if sentinel else None
-        probes.locality = _locality_baseline(model, tok, records, retention_sample, seed)
+        probes.locality = _locality_baseline(model, tok, records, probes.sample, seed)
         start = probes.measure(editor, records, [])
         probes.base_entropy = start.get("entropy")
         start.update(edits=0, sentinel_ppl_base=base_sentinel, locality_baseline=probes.locality,
@@ -228,13 +258,19 @@ def run_sequential(
         base_sentinel = first.get("sentinel_ppl_base")
         probes.locality = [tuple(pair) for pair in first.get("locality_baseline", [])]
         probes.base_entropy = first.get("entropy_base")
-    history = editor.applied_records()
+    pending_ids = {c for _, c, _ in unlogged}
+    history = [r for r in editor.applied_records() if str(r.get("case_id")) not in pending_ids]
     ratios = [float(r.get("update_ratio") or 0.0) for r in history]
     interferences = [x for x in (_finite(r.get("interference")) for r in history) if x is not None]
-    # The sentinel just before the next edit: measured on the model as the journal left it.
+    # The sentinel just before the next edit: measured on the model as the journal left it, or, for
+    # edits whose checks a crash cut off, read from the log line of the edit before them.
     last_sentinel = base_sentinel
     if base_sentinel is not None and editor.journal.entries:
-        last_sentinel = mean_perplexity(model, tok, sentinel)
+        if unlogged:
+            before = [e.get("sentinel_ppl") for e in _read_log(edits_log) if e.get("sentinel_ppl") is not None]
+            last_sentinel = before[-1] if before else base_sentinel
+        else:
+            last_sentinel = mean_perplexity(model, tok, sentinel)
 
     from tqdm.auto import tqdm
 
@@ -264,83 +300,98 @@ def run_sequential(
         if batch:
             yield batch
 
-    try:
-        for batch in pending():
-            applied = _edit_batch(editor, batch, batch_size, log, summary)
-            if not applied:
-                continue
-            flags: Dict[int, List[str]] = {}
-            for entry, rec in applied:
-                mid = rules.spike(rec.update_ratio, ratios, rules.norm_spike)
-                if mid is not None:
-                    flags.setdefault(id(entry), []).append(
-                        f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median {mid:.3g}"
-                    )
-                spread = _finite(rec.interference)
-                mid = rules.spike(spread, interferences, rules.interference_spike)
-                if mid is not None:
-                    flags.setdefault(id(entry), []).append(
-                        f"interference spike: {spread:.3g} > {rules.interference_spike:g} × median {mid:.3g}"
-                    )
-            if base_sentinel is not None:
-                now = mean_perplexity(model, tok, sentinel)
-                for entry, _ in applied:
-                    entry["sentinel_ppl"] = now
-                raised_here = []
-                if now > rules.sentinel_ppl_ratio * base_sentinel:
-                    raised_here.append(
-                        f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}"
-                    )
-                if now > rules.sentinel_jump * last_sentinel:
-                    raised_here.append(
-                        f"sentinel perplexity jump: {now:.2f} > {rules.sentinel_jump:g} × {last_sentinel:.2f} "
-                        "before the edit"
-                    )
-                for entry, _ in applied:  # a batch is judged as a whole
-                    flags.setdefault(id(entry), []).extend(raised_here)
-            undo = []
-            for entry, rec in applied:
-                entry["collapse"] = flags.get(id(entry), [])
-                if entry["collapse"] and rules.action == "undo":
-                    undo.append(rec.edit_id)
-                    entry["status"] = "undone"
-                    summary.undone += 1
-                else:
-                    ratios.append(rec.update_ratio)
-                    if _finite(rec.interference) is not None:
-                        interferences.append(float(rec.interference))
-                    summary.applied += 1
-            if undo:
-                editor.undo(undo)
-            if base_sentinel is not None:
-                # After an undo the model is back where it was; otherwise it is where ``now`` measured it.
-                if not undo:
-                    last_sentinel = now
-                elif len(undo) < len(applied):  # part of a batch undone: measure what is left
-                    last_sentinel = mean_perplexity(model, tok, sentinel)
+    def settle(applied: List[tuple]) -> Optional[str]:
+        """Judge a batch of applied edits by the collapse rules, undo or keep them, log them, and
+        measure a checkpoint when one is due; returns why the run stops, or None."""
+        nonlocal last_sentinel
+        flags: Dict[int, List[str]] = {}
+        for entry, rec in applied:
+            mid = rules.spike(rec.update_ratio, ratios, rules.norm_spike)
+            if mid is not None:
+                flags.setdefault(id(entry), []).append(
+                    f"update-norm spike: {rec.update_ratio:.3g} > {rules.norm_spike:g} × median {mid:.3g}"
+                )
+            spread = _finite(rec.interference)
+            mid = rules.spike(spread, interferences, rules.interference_spike)
+            if mid is not None:
+                flags.setdefault(id(entry), []).append(
+                    f"interference spike: {spread:.3g} > {rules.interference_spike:g} × median {mid:.3g}"
+                )
+        if base_sentinel is not None:
+            now = mean_perplexity(model, tok, sentinel)
             for entry, _ in applied:
-                log(entry)
-            raised = [f for entry, _ in applied for f in entry["collapse"]]
-            if raised and rules.action == "stop":
-                summary.stopped = "; ".join(raised)
-                break
-            n_done = len(editor.done_case_ids())
-            kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
-            if n_done // every > (n_done - kept) // every:
-                point = probes.measure(editor, records, editor.done_case_ids())
-                point["edits"] = n_done
-                norm = point.get("entropy_norm")
-                if norm is not None and norm < rules.entropy_drop:
-                    point["collapse"] = [
-                        f"generation entropy {norm:.3f} × the unedited model's < {rules.entropy_drop:g}"
-                    ]
-                _append(ckpt_log, point)
-                summary.checkpoints.append(point)
-                if on_checkpoint is not None:
-                    on_checkpoint(point)
-                if point.get("collapse") and rules.action == "stop":
-                    summary.stopped = point["collapse"][0]
-                    break
+                entry["sentinel_ppl"] = now
+            raised_here = []
+            if now > rules.sentinel_ppl_ratio * base_sentinel:
+                raised_here.append(
+                    f"sentinel perplexity {now:.2f} > {rules.sentinel_ppl_ratio:g} × {base_sentinel:.2f}"
+                )
+            if now > rules.sentinel_jump * last_sentinel:
+                raised_here.append(
+                    f"sentinel perplexity jump: {now:.2f} > {rules.sentinel_jump:g} × {last_sentinel:.2f} "
+                    "before the edit"
+                )
+            for entry, _ in applied:  # a batch is judged as a whole
+                flags.setdefault(id(entry), []).extend(raised_here)
+        undo = []
+        for entry, rec in applied:
+            entry["collapse"] = flags.get(id(entry), [])
+            if entry["collapse"] and rules.action == "undo":
+                undo.append(rec.edit_id)
+                entry["status"] = "undone"
+                summary.undone += 1
+            else:
+                ratios.append(rec.update_ratio)
+                if _finite(rec.interference) is not None:
+                    interferences.append(float(rec.interference))
+                summary.applied += 1
+        if undo:
+            editor.undo(undo)
+        if base_sentinel is not None:
+            # After an undo the model is back where it was; otherwise it is where ``now`` measured it.
+            if not undo:
+                last_sentinel = now
+            elif len(undo) < len(applied):  # part of a batch undone: measure what is left
+                last_sentinel = mean_perplexity(model, tok, sentinel)
+        for entry, _ in applied:
+            log(entry)
+        raised = [f for entry, _ in applied for f in entry["collapse"]]
+        if raised and rules.action == "stop":
+            return "; ".join(raised)
+        n_done = len(editor.done_case_ids())
+        kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
+        if n_done // every > (n_done - kept) // every:
+            point = probes.measure(editor, records, editor.done_case_ids())
+            point["edits"] = n_done
+            norm = point.get("entropy_norm")
+            if norm is not None and norm < rules.entropy_drop:
+                point["collapse"] = [
+                    f"generation entropy {norm:.3f} × the unedited model's < {rules.entropy_drop:g}"
+                ]
+            _append(ckpt_log, point)
+            summary.checkpoints.append(point)
+            if on_checkpoint is not None:
+                on_checkpoint(point)
+            if point.get("collapse") and rules.action == "stop":
+                return point["collapse"][0]
+        return None
+
+    try:
+        if unlogged:
+            # edits a crash left in the journal without their log lines and checks
+            by_case = {str(r.get("case_id")): r for r in editor.applied_records()}
+            recovered = []
+            for index, cid, _ in unlogged:
+                rec = _record_from(by_case[cid])
+                recovered.append((_entry(index, rec.case_id, rec), rec))
+            summary.stopped = settle(recovered)
+        if summary.stopped is None:
+            for batch in pending():
+                applied = _edit_batch(editor, batch, batch_size, log, summary)
+                if applied:
+                    summary.stopped = settle(applied)
+                    if summary.stopped is not None:
+                        break
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t_start
@@ -352,26 +403,57 @@ def _edit_batch(editor: Any, batch: List[tuple], batch_size: int, log: Callable,
     try:
         report = editor.edit([record for _, _, record in batch], batch_size=batch_size)
         results = list(zip(batch, report.records))
-    except ValueError:
-        # one record failed the editor's own checks (nothing was written): edit them one by one
+    except RequestError:
+        # one record failed the editor's checks, which all run before the first write (nothing was
+        # written): edit them one by one. Any other error propagates; the journal holds what was done.
         results = []
         for item in batch:
             try:
                 results.append((item, editor.edit(item[2]).records[0]))
-            except ValueError as exc:
+            except RequestError as exc:
                 summary.skipped += 1
                 log({"case_id": item[1], "index": item[0], "status": "skipped", "reason": str(exc)})
     applied = []
     for (index, cid, _), rec in results:
-        entry: Dict[str, Any] = {"case_id": cid, "index": index}
-        entry.update({k: v for k, v in asdict(rec).items() if k not in ("losses",)})
-        entry["final_loss"] = rec.losses[-1] if rec.losses else None
+        entry = _entry(index, cid, rec)
         if rec.applied:
             applied.append((entry, rec))
         else:
             summary.refused += 1
             log(entry)
     return applied
+
+
+def _entry(index: int, cid: Any, rec: EditRecord) -> Dict[str, Any]:
+    """The run-log line of one edited record (its metrics; the losses only as the final one)."""
+    entry: Dict[str, Any] = {"case_id": cid, "index": index}
+    entry.update({k: v for k, v in asdict(rec).items() if k not in ("losses",)})
+    entry["final_loss"] = rec.losses[-1] if rec.losses else None
+    return entry
+
+
+def _record_from(data: Dict[str, Any]) -> EditRecord:
+    """An :class:`EditRecord` from its ``to_dict()`` form as the journal keeps it (None for NaN)."""
+    kwargs = {}
+    for f in fields(EditRecord):
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = float("nan") if value is None and f.type in ("float", float) else value
+    return EditRecord(**kwargs)
+
+
+def _read_log(path: Path) -> List[Dict[str, Any]]:
+    """The run log's complete lines (a torn last line from a killed run is left out)."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                entry["case_id"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            out.append(entry)
+    return out
 
 
 def _first_checkpoint(path: Path) -> Optional[Dict[str, Any]]:

@@ -81,6 +81,13 @@ def _request_rows(tokenizer: Any, request: EditRequest, templates: Sequence[str]
     return seqs, last, reads, tgt
 
 
+def check_request(tokenizer: Any, request: EditRequest, templates: Sequence[str]) -> None:
+    """Raise ``ValueError`` if any row the value optimisation would build for ``request`` cannot be
+    tokenised (the subject lost under a context template, an empty target): cheap, and done for
+    every request of a call before any of them is written."""
+    _request_rows(tokenizer, request, templates)
+
+
 def optimize_value(
     adapter: ModelAdapter,
     tokenizer: Any,

@@ -141,8 +141,9 @@ def test_interrupted_run_resumes_from_its_journal_with_nothing_lost_or_repeated(
     run(ed, todo)
     assert [e.edit_id for e in ed.journal] == [0, 1, 2, 3]
     assert same_bits(ModelAdapter(fresh).weight(1), ModelAdapter(whole).weight(1))
-    assert len(Journal(folder)) == 4
+    assert len(Journal.read(folder)) == 4
     # resuming onto a model that is not the base is refused
+    ed.close()
     edited_again, _ = make_tiny("llama-bytelevel", seed=3)
     with pytest.raises(ValueError, match="not the base weight"):
         editor(edited_again, tok, journal=folder)
@@ -157,6 +158,7 @@ def test_journal_drops_an_unfinished_last_line_and_rejects_damage(make_tiny, tmp
     with pytest.warns(UserWarning, match="unfinished last line"):
         j = Journal(folder)
     assert len(j) == 2 and (folder / "edits.jsonl").read_text().count("\n") == 2
+    j.close()
     (folder / "factors" / "000001.safetensors").unlink()
     with pytest.raises(ValueError, match="edit 1's factors"):
         Journal(folder)
