@@ -1,4 +1,8 @@
-"""The ``fastrome`` command: ``edit``, ``stats``, ``info`` and ``demo``."""
+"""The ``fastrome`` command: ``edit``, ``demo``, ``eval``, ``stats``, ``plot`` and ``info``.
+
+Bad input ends a command with one line on stderr, ``fastrome <cmd>: error: ...``, and exit status
+2; the flags are checked before a model is loaded, so a typo costs no model load and no work.
+"""
 
 from __future__ import annotations
 
@@ -38,14 +42,163 @@ def _print(text: str = "") -> None:
     sys.stdout.flush()
 
 
+class UsageError(SystemExit):
+    """Bad command-line input; :func:`main` prints it as one line ``fastrome <cmd>: error: ...``.
+
+    A :class:`SystemExit` with status 2, like argparse's own errors, so it ends the program
+    without a traceback wherever it is raised; its text is the message, for callers of
+    :func:`main` that catch it.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
+def _flag_error(flag: str, exc: Exception) -> UsageError:
+    """``exc``'s message under ``flag``, without the library's own argument name in front of it
+    (``"model: '/x' is ..."`` becomes ``"--model: '/x' is ..."``)."""
+    text = str(exc)
+    head, sep, rest = text.partition(": ")
+    if sep and head.isidentifier():
+        text = rest
+    return UsageError(f"{flag}: {text}")
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# -- checks of the command line, all made before a model is loaded ----------------------------------
+
+def _at_least(value: Optional[int], flag: str, minimum: int) -> None:
+    """Refuse an integer flag below ``minimum`` (None: not given, the default applies)."""
+    if value is not None and value < minimum:
+        want = "a positive number" if minimum == 1 else f"a number >= {minimum}"
+        raise UsageError(f"{flag}: expected {want}, got {value}")
+
+
 def _dtype(name: str):
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
-        raise SystemExit(f"--dtype: {name!r} is not one of {sorted(table)}")
+        raise UsageError(f"--dtype: {name!r} is not one of {sorted(table)}")
     return table[name]
+
+
+def _check_device(name: str) -> None:
+    """``name`` must parse as a torch device, and a GPU one must exist here."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device: {name!r} is not a device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device: {name!r}, but CUDA is not available here (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device: {name!r}, but this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device: {name!r}, but MPS is not available here (use --device cpu)")
+
+
+def _check_runtime(args: argparse.Namespace) -> None:
+    _dtype(args.dtype)
+    _check_device(args.device)
+
+
+def _check_stats(value: Optional[str]) -> None:
+    """``--stats`` is a keyword or an existing path (a typo would otherwise surface only when the
+    statistics are first needed, after the model has loaded and completions have run)."""
+    from fastrome.editor import BUNDLED_WORDS, IDENTITY_WORDS
+
+    if value is None or value.lower() in IDENTITY_WORDS + BUNDLED_WORDS:
+        return
+    if not os.path.exists(value):
+        raise UsageError(f"--stats: {value!r} does not exist (give a .safetensors statistics file, a corpus file or "
+                         "folder, 'bundled' or 'identity')")
+
+
+def _check_writable(path: str, flag: str, *, folder: Optional[bool]) -> None:
+    """``path`` can be written: it exists, is a folder (``folder=True``) or a file (``folder=False``)
+    as asked, and is writable; or it does not exist yet and the nearest folder above it that does
+    is writable (the folders in between are created). Checked up front because results are
+    written only at the end of the work."""
+    p = Path(path)
+    if p.exists():
+        if folder is True and not p.is_dir():
+            raise UsageError(f"{flag}: {path!r} is an existing file; give a folder to write to (a new one or an "
+                             "existing folder)")
+        if folder is False and p.is_dir():
+            raise UsageError(f"{flag}: {path!r} is a folder; give a file name")
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{flag}: {path!r} is not writable")
+        return
+    parent = p.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: cannot create {path!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot create {path!r}: the folder {str(parent)!r} is not writable")
+
+
+def _check_edit_flags(args: argparse.Namespace) -> None:
+    """The flags of ``edit``, ``demo`` and ``eval`` that need no file read and no model."""
+    _at_least(args.layer, "--layer", 0)
+    _at_least(args.spread, "--spread", 1)
+    _at_least(args.tokens, "--tokens", 1)
+    _at_least(args.max_new_tokens, "--max-new-tokens", 0)
+    if args.layer is not None and args.spread is not None and args.spread > args.layer + 1:
+        raise UsageError(f"--spread: {args.spread} layers ending at --layer {args.layer} would start below layer 0 "
+                         f"(at most {args.layer + 1} there)")
+    _check_runtime(args)
+    _check_stats(args.stats)
+    if args.output:
+        _check_writable(args.output, "--output", folder=True)
+
+
+def _model_depth(model: Optional[str], *, read_config: bool) -> Optional[int]:
+    """Check that ``--model`` names a model that can be loaded, without loading it; with
+    ``read_config``, its number of layers from its configuration (config.json or the GGUF header,
+    not the weights); None when not read or not stated there."""
+    from fastrome.adapter import _n_layers
+    from fastrome.models import _resolve
+
+    try:
+        where, kwargs, _ = _resolve(model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _flag_error("--model", exc) from None
+    if not read_config:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=True,
+                                            **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"--model: cannot read the configuration of {model or where!r} ({exc})") from None
+    return _n_layers(config)
+
+
+def _check_layer(args: argparse.Namespace) -> None:
+    """``--model`` can be loaded and ``--layer`` is one of its layers (the last check before loading)."""
+    n_layers = _model_depth(args.model, read_config=args.layer is not None)
+    if args.layer is not None and n_layers is not None and args.layer >= n_layers:
+        raise UsageError(f"--layer: {args.layer} is not a layer of this model (it has layers 0-{n_layers - 1})")
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag}: {str(path)!r} is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {str(path)!r} ({exc.strerror or exc})") from None
 
 
 def _load(args: argparse.Namespace):
@@ -64,26 +217,26 @@ def _read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.requests:
         path = Path(args.requests)
         if not path.is_file():
-            raise SystemExit(f"--requests: {args.requests!r} is not a file")
-        text = path.read_text(encoding="utf-8")
+            raise UsageError(f"--requests: {args.requests!r} is not a file")
+        text = _read_text(path, "--requests")
         try:
             if path.suffix == ".jsonl":
                 data: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
             else:
                 data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"--requests: {args.requests!r} is not valid JSON ({exc})") from None
+            raise UsageError(f"--requests: {args.requests!r} is not valid JSON ({exc})") from None
         if isinstance(data, dict):
             data = data.get("requests", [data])
         if not isinstance(data, list):
-            raise SystemExit(f"--requests: expected a list of requests in {args.requests!r}")
+            raise UsageError(f"--requests: expected a list of requests in {args.requests!r}")
         requests += data
     if args.prompt or args.subject or args.target:
         if not (args.prompt and args.subject and args.target):
-            raise SystemExit("--prompt, --subject and --target go together")
+            raise UsageError("--prompt, --subject and --target go together")
         requests.append({"prompt": args.prompt, "subject": args.subject, "target_new": args.target})
     if not requests:
-        raise SystemExit("no requests: give --requests FILE or --prompt/--subject/--target")
+        raise UsageError("no requests: give --requests FILE or --prompt/--subject/--target")
     return requests
 
 
@@ -114,10 +267,8 @@ def _run_edit(args: argparse.Namespace, requests: List[Dict[str, Any]], probes: 
     from fastrome import EditRefused
     from fastrome.requests import parse_requests
 
-    try:
-        parsed = parse_requests([{k: v for k, v in r.items() if k != "probes"} for r in requests])
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    parsed = parse_requests([{k: v for k, v in r.items() if k != "probes"} for r in requests])
+    _check_layer(args)
     model, tok = _load(args)
     prompts = list(dict.fromkeys([r.text for r in parsed] + list(probes)))
     before = _completions(model, tok, prompts, args.max_new_tokens)
@@ -149,10 +300,12 @@ def _run_edit(args: argparse.Namespace, requests: List[Dict[str, Any]], probes: 
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    _check_edit_flags(args)
     return _run_edit(args, _read_requests(args), probes=args.probe or [])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_edit_flags(args)
     if not args.json:
         _print("fastrome demo: three well-known facts rewritten in SmolLM2-135M-Instruct.")
         _print("Rows marked * changed; the probes below each edited prompt check paraphrases and neighbours.\n")
@@ -166,17 +319,17 @@ def _load_cases(args: argparse.Namespace):
 
     path = Path(args.data)
     if not path.is_file():
-        raise SystemExit(f"data: {args.data!r} is not a file")
+        raise UsageError(f"data: {args.data!r} is not a file")
     kind = args.format
-    if kind == "auto":
-        first = read_json_list(path, "data")[:1]
-        kind = "zsre" if first and isinstance(first[0], dict) and "src" in first[0] and "alt" in first[0] else \
-            "counterfact"
     limit = None if args.limit is None else args.start + args.limit
     try:
+        if kind == "auto":
+            first = read_json_list(path, "data")[:1]
+            kind = "zsre" if first and isinstance(first[0], dict) and "src" in first[0] and "alt" in first[0] else \
+                "counterfact"
         cases = (load_zsre if kind == "zsre" else load_counterfact)(path, limit=limit)
     except ValueError as exc:
-        raise SystemExit(f"data: {exc}") from None
+        raise _flag_error("data", exc) from None
     return kind, cases[args.start:], cases.skipped
 
 
@@ -186,30 +339,55 @@ def _text_list(path: Optional[str], flag: str) -> List[str]:
         return []
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"{flag}: {path!r} is not a file")
+        raise UsageError(f"{flag}: {path!r} is not a file")
+    text = _read_text(p, flag)
     if p.suffix == ".json":
-        data = json.loads(p.read_text(encoding="utf-8"))
-        texts = [d if isinstance(d, str) else d.get("Text", d.get("text")) for d in data]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{flag}: {path!r} is not valid JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise UsageError(f"{flag}: {path!r} holds a {type(data).__name__}, expected a JSON list of texts")
+        texts = [d.get("Text", d.get("text")) if isinstance(d, dict) else d for d in data]
     else:
-        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+        texts = [line.strip() for line in text.splitlines()]
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise SystemExit(f"{flag}: no texts in {path!r}")
+        raise UsageError(f"{flag}: no texts in {path!r}")
     return texts
+
+
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """The flags of ``eval`` beyond the editing ones, and where it writes."""
+    _check_edit_flags(args)
+    _at_least(args.limit, "--limit", 1)
+    _at_least(args.start, "--start", 0)
+    _at_least(args.prefixes, "--prefixes", 0)
+    _at_least(args.fluency, "--fluency", 0)
+    _at_least(args.every, "--every", 1)
+    _at_least(args.batch_size, "--batch-size", 1)
+    if args.out:
+        _check_writable(args.out, "--out", folder=False)
+    if args.sequential:
+        _check_writable(args.sequential, "--sequential", folder=True)
+    elif args.plot:  # with --sequential the plots go to DIR/plots
+        _check_writable(args.plot, "--plot", folder=False)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastrome.evaluation import format_table, summarize, test_prefixes
 
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit: expected a positive number, got {args.limit}")
+    _check_eval_flags(args)
     kind, cases, skipped = _load_cases(args)
     if not cases:
-        raise SystemExit(f"data: no usable cases in {args.data!r} ({len(skipped)} skipped)")
+        raise UsageError(f"data: no usable cases in {args.data!r} ({len(skipped)} skipped)")
+    texts = {"ppl_texts": _text_list(args.ppl_texts, "--ppl-texts"),
+             "wikitext_texts": _text_list(args.wikitext, "--wikitext")}
+    _check_layer(args)
     model, tok = _load(args)
     prefixes = test_prefixes(model, tok, n=args.prefixes) if args.prefixes else []
     if args.sequential:
-        return _eval_sequential(args, model, tok, cases, prefixes)
+        return _eval_sequential(args, model, tok, cases, prefixes, **texts)
     from tqdm.auto import tqdm
 
     from fastrome.evaluation.single import evaluate_edits
@@ -217,6 +395,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     args.policy = args.policy or "skip"  # a refused edit is scored as it stands
     editor = _editor(model, tok, args)
     editor.progress = False
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out = open(args.out, "w", encoding="utf-8") if args.out else None
     bar = tqdm(total=len(cases), desc="evaluating", unit="case", disable=args.json)
 
@@ -254,7 +434,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes) -> int:
+def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes, *, ppl_texts: List[str],
+                     wikitext_texts: List[str]) -> int:
     from fastrome.sequential import CollapseRules, open_run, run_sequential
 
     records = []
@@ -271,8 +452,8 @@ def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes) -> i
     editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
                       **{k: v for k, v in overrides.items() if v is not None})
     summary = run_sequential(
-        editor, records, args.sequential, every=args.every, ppl_texts=_text_list(args.ppl_texts, "--ppl-texts"),
-        wikitext_texts=_text_list(args.wikitext, "--wikitext"), test_prefixes=prefixes,
+        editor, records, args.sequential, every=args.every, ppl_texts=ppl_texts,
+        wikitext_texts=wikitext_texts, test_prefixes=prefixes,
         rules=CollapseRules(action=args.on_collapse), batch_size=args.batch_size, progress=not args.json,
     )
     files = []
@@ -302,11 +483,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
-        raise SystemExit(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
-    try:
-        files = plot_runs(dict(zip(labels, args.runs)), args.out, title=args.title)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise UsageError(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise UsageError(f"runs: {run!r} is not a folder")
+    _check_writable(args.out, "--out", folder=True)
+    files = plot_runs(dict(zip(labels, args.runs)), args.out, title=args.title)
     for f in files:
         _print(str(f))
     return 0
@@ -328,10 +510,10 @@ def parse_layers(spec: Optional[str], n_layers: int, default: int) -> List[int]:
             else:
                 layers.add(int(part))
         except ValueError:
-            raise SystemExit(f"--layers: {spec!r} is not a list like '5', '3,5' or '3-8'") from None
+            raise UsageError(f"--layers: {spec!r} is not a list like '5', '3,5' or '3-8'") from None
     bad = sorted(x for x in layers if not 0 <= x < n_layers)
     if bad:
-        raise SystemExit(f"--layers: {bad} out of range; the model has layers 0-{n_layers - 1}")
+        raise UsageError(f"--layers: {bad} out of range in {spec!r}; the model has layers 0-{n_layers - 1}")
     return sorted(layers)
 
 
@@ -351,42 +533,60 @@ def _init_distributed(args: argparse.Namespace) -> int:
     return dist.get_rank()
 
 
+def _check_stats_flags(args: argparse.Namespace) -> None:
+    """The flags of ``stats``, its model's depth against ``--layers`` included."""
+    _at_least(args.tokens, "--tokens", 1)
+    _at_least(args.max_len, "--max-len", 2)
+    _at_least(args.batch_tokens, "--batch-tokens", 1)
+    _at_least(args.checkpoint_every, "--checkpoint-every", 1)
+    _check_runtime(args)
+    if args.out:
+        _check_writable(args.out, "--out", folder=None)
+    n_layers = _model_depth(args.model, read_config=bool(args.layers))
+    if args.layers and n_layers is not None:
+        several = len(parse_layers(args.layers, n_layers, 0)) > 1
+        if several and args.out and Path(args.out).is_file():
+            raise UsageError(f"--out: {args.out!r} is an existing file; give a folder for the statistics of "
+                             f"--layers {args.layers!r}")
+
+
+def _open_corpus(args: argparse.Namespace):
+    from fastrome.corpus import open_corpus
+
+    try:
+        return open_corpus(None if args.corpus in (None, "bundled", "default") else args.corpus, seed=args.seed,
+                           text_field=args.text_field)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise UsageError(f"--corpus: {exc}") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import torch
 
     from fastrome.adapter import ModelAdapter
     from fastrome.cache import cache_dir
     from fastrome.config import EditConfig
-    from fastrome.corpus import open_corpus
     from fastrome.solver import CovarianceSolver
     from fastrome.stats import default_token_budget, load_or_compute
 
+    _check_stats_flags(args)
     rank = _init_distributed(args)
+    corpus = _open_corpus(args)
     quiet = args.json or rank != 0
     model, tok = _load(args) if not quiet else _load(argparse.Namespace(**{**vars(args), "json": True}))
     adapter = ModelAdapter(model)
     layers = parse_layers(args.layers, adapter.n_layers, adapter.default_layer())
-    try:
-        corpus = open_corpus(None if args.corpus in (None, "bundled", "default") else args.corpus, seed=args.seed,
-                             text_field=args.text_field)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise SystemExit(f"--corpus: {exc}") from None
     budget = args.tokens if args.tokens is not None else default_token_budget(adapter.d_in)
-    if budget < 1:
-        raise SystemExit(f"--tokens: expected a positive number, got {budget}")
     if not quiet:
         _print(f"corpus: {corpus.description} [{corpus.id}]")
         _print(f"layers {layers}: {budget:,} tokens, sequences of at most {args.max_len} ({args.packing}), "
                f"{args.accumulate} sums")
     t0 = time.perf_counter()
-    try:
-        found = load_or_compute(
-            adapter, tok, layers, corpus=corpus, tokens=budget, max_len=args.max_len,
-            dtype=getattr(torch, args.accumulate), batch_tokens=args.batch_tokens, packing=args.packing,
-            cache_root=cache_dir(), progress=not quiet, checkpoint_every=args.checkpoint_every, resume=args.resume,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    found = load_or_compute(
+        adapter, tok, layers, corpus=corpus, tokens=budget, max_len=args.max_len,
+        dtype=getattr(torch, args.accumulate), batch_tokens=args.batch_tokens, packing=args.packing,
+        cache_root=cache_dir(), progress=not quiet, checkpoint_every=args.checkpoint_every, resume=args.resume,
+    )
     seconds = time.perf_counter() - t0
     ridge_rel = EditConfig().ridge
     rows = []
@@ -580,13 +780,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_error(prog: str, message: str) -> None:
+    sys.stderr.write(f"{prog}: error: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command in ``argv``; returns its exit status. Bad input, whether found on the
+    command line or by the library while the command runs (a ``ValueError``), is printed as one
+    line and raises :class:`UsageError` (status 2), as argparse does for the flags it checks."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _print("interrupted")
         return 130
+    except UsageError as exc:
+        _report_error(prog, str(exc))
+        raise
+    except ValueError as exc:
+        _report_error(prog, str(exc))
+        raise UsageError(str(exc)) from exc
 
 
 if __name__ == "__main__":

