@@ -41,8 +41,10 @@ def _atomic(path: PathLike, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777  # what the umask gave
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) makes it 0600
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

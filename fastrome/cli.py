@@ -566,7 +566,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from fastrome.adapter import ModelAdapter
     from fastrome.cache import cache_dir
     from fastrome.config import EditConfig
-    from fastrome.solver import CovarianceSolver
     from fastrome.stats import default_token_budget, load_or_compute
 
     _check_stats_flags(args)
@@ -596,8 +595,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             out = Path(args.out)
             target = out / f"stats_L{layer}.safetensors" if (out.is_dir() or len(found) > 1) else out
             path = str(sm.save(target))
-        C = sm.matrix
-        solver = CovarianceSolver(C, ridge=ridge_rel * float(C.diagonal().abs().mean()))
+        solver = sm.solver(ridge_rel)
         rows.append({"layer": layer, "tokens": sm.count, "tokens_requested": sm.meta.get("tokens_requested"),
                      "sequences": sm.meta.get("sequences"), "corpus": sm.meta.get("corpus"), "path": path,
                      "seconds": sm.meta.get("seconds"), "ridge": solver.ridge, "condition": solver.condition})

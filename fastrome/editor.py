@@ -233,9 +233,7 @@ class Editor:
                     self.adapter.weight(layer).copy_(weight)
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
-        C = sm.matrix
-        ridge = self.config.ridge * float(C.diagonal().abs().mean())
-        return CovarianceSolver(C, ridge=ridge, device=self.adapter.device(layer))
+        return sm.solver(self.config.ridge, device=self.adapter.device(layer))
 
     def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
         d, device = self.adapter.d_in, self.adapter.device(layer)
@@ -253,8 +251,8 @@ class Editor:
         if isinstance(spec, Tensor):
             if spec.shape != (d, d):
                 raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
-            ridge = self.config.ridge * float(spec.diagonal().abs().mean())
-            return CovarianceSolver(spec, ridge=ridge, device=device), "user-supplied C"
+            return CovarianceSolver(spec, relative_ridge=self.config.ridge, device=device,
+                                    source=f"stats[{layer}] (user-supplied C)"), "user-supplied C"
         if isinstance(spec, (str, os.PathLike)) and _statistics_file_kind(str(spec)) == "rome-npz":
             sm = load_rome_npz(spec, layer=layer)
             sm.check(layer=layer, dim=d, model_fingerprint=None, source=str(spec))
@@ -308,8 +306,9 @@ class Editor:
             except ValueError as exc:
                 raise RequestError(f"requests[{i}]: {exc}") from None
             layers.append(layer)
-        for layer in sorted({part for layer in layers for part in self._spread_layers(layer)} - set(self._base)):
-            self._check_finite(layer)
+        written = {part for at in layers for part in self._spread_layers(at)}
+        for part in sorted(written - set(self._base)):
+            self._check_finite(part)
         return layers
 
     def _check_finite(self, layer: int) -> None:

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from fastrome.stats import SecondMoment
+from fastrome.stats import SecondMoment, check_sum
 
 _LAYER_IN_NAME = re.compile(r"(?:^|[._/])(?:layers|h|layer|blocks)\.(\d+)\.")
 
@@ -47,8 +47,9 @@ def load_rome_npz(path: Union[str, os.PathLike], layer: Optional[int] = None) ->
         the original dtype and that the model could not be verified.
 
     Raises:
-        ValueError: unreadable file, missing ``mom2``/``count``, a non-square or non-finite sum, a
-            non-positive count, or a layer that cannot be determined or contradicts the name.
+        ValueError: unreadable file, missing ``mom2``/``count``, a non-square or non-finite sum or one
+            with negative diagonal entries, a non-positive count, or a layer that cannot be
+            determined or contradicts the name.
     """
     path = Path(path)
     named = layer_from_name(path.name)
@@ -78,8 +79,7 @@ def load_rome_npz(path: Union[str, os.PathLike], layer: Optional[int] = None) ->
     if count <= 0:
         raise ValueError(f"stats: {str(path)!r}: count is {count}, expected a positive number of keys")
     total = torch.from_numpy(mom2.astype(np.float64))
-    if not torch.isfinite(total).all():
-        raise ValueError(f"stats: {str(path)!r}: mom2 contains NaN or Inf")
+    check_sum(total, f"stats: {str(path)!r}: mom2")
     warnings.warn(
         f"imported {path.name}: ROME statistics do not record the model they came from, so fastrome cannot "
         "check that they match this model; only the layer and dimension are checked",
@@ -92,4 +92,4 @@ def load_rome_npz(path: Union[str, os.PathLike], layer: Optional[int] = None) ->
         "model_verified": False,
         "tokens": count,
     }
-    return SecondMoment(layer=int(layer), sum=total, count=count, meta=meta)
+    return SecondMoment(layer=int(layer), sum=total, count=count, meta=meta, source=str(path))

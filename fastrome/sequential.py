@@ -30,12 +30,12 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from fastrome.cache import write_text
 from fastrome.evaluation.counterfact import prefixed
 from fastrome.evaluation.fluency import generate_for_fluency, ngram_entropy
+from fastrome.locking import FolderLock
 from fastrome.metrics import mean_perplexity, score_targets
 from fastrome.models import greedy_complete
-from fastrome.cache import write_text
-from fastrome.locking import FolderLock
 from fastrome.report import EditRecord
 from fastrome.requests import RequestError, parse_requests
 

@@ -20,23 +20,107 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from fastrome import ops
 
+# The largest ridge an automatic escalation may reach, as a fraction of C's scale (mean |diag C|).
+# A sum of k kᵀ is positive semi-definite; rounding can push its smallest eigenvalues below zero by
+# a few ulps of ‖C‖ only (about 1e-16·‖C‖ for fp64 sums, 1e-7·‖C‖ for fp32 ones such as ROME's), and
+# escalation exists to step over that. Damage (a negated sum, flipped bytes) needs a ridge of
+# the order of the scale itself or more. 1e-3 lies between the two and is also where a ridge
+# stops being a regulariser: the SmolLM2 statistics in benches/solve_options.py have condition
+# numbers up to 6.9e3, i.e. smallest eigenvalues down to ~1.4e-4 of the scale, which a larger ridge
+# would outweigh, turning the solve into one against ≈ ridge·I.
+MAX_RIDGE_ESCALATION = 1e-3
+# First escalated ridge, as a fraction of the scale: the rounding of an fp64 sum.
+_FIRST_ESCALATION = 1e-12
+
+
+def _check_finite(C: Tensor, where: str) -> None:
+    """Refuse a matrix with NaN or Inf entries, counting them (no ridge means anything then)."""
+    bad = int((~torch.isfinite(C)).sum())
+    if bad:
+        raise ValueError(
+            f"{where}the statistics matrix C has {bad:,} non-finite entries (NaN or Inf) of "
+            f"{C.numel():,}; the statistics are corrupted or the keys overflowed while they were summed"
+        )
+
+
+def _scale(C64: Tensor) -> float:
+    """Mean |diag C|, the magnitude every ridge is measured against (1 for a zero diagonal)."""
+    return float(C64.diagonal().abs().mean()) or 1.0
+
+
+def _ridge_ladder(ridge: float, scale: float, cap: float) -> Iterator[float]:
+    """``ridge`` first, then ×10 steps from the rounding level up to ``cap``, then ``cap`` itself."""
+    yield ridge
+    step = max(ridge * 10.0, _FIRST_ESCALATION * scale)
+    while step < cap:
+        yield step
+        step *= 10.0
+    if cap > ridge:
+        yield cap
+
+
+def _not_positive_definite(C64: Tensor, scale: float, cap: float, ridge: float, where: str) -> ValueError:
+    """The error for a C no admissible ridge makes positive definite, with the ridge it would need."""
+    try:
+        lowest = float(torch.linalg.eigvalsh(C64)[0])
+    except RuntimeError:  # the eigensolver did not converge: report the bound only
+        lowest = float("nan")
+    if lowest < -cap:
+        need = f"its smallest eigenvalue is {lowest:.3e}, so it needs a ridge of at least {-lowest:.3e}"
+        need += f" ({-lowest / scale:.2g} of its scale)"
+    else:
+        need = f"it needs a ridge of more than {cap:.3e}"
+    limit = (f"the ridge of {ridge:.3e} given" if cap > MAX_RIDGE_ESCALATION * scale
+             else f"the {MAX_RIDGE_ESCALATION:g} of its scale ({cap:.3e}) a ridge is raised to at most")
+    return ValueError(
+        f"{where}C is not positive definite at a scale (mean |diag C|) of {scale:.3e}: {need}, more than "
+        f"{limit}. A sum of k kᵀ is positive semi-definite, so these statistics are corrupted; recompute them"
+    )
+
+
+def _factorise(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
+    """Cholesky factor of ``C64 + r·I`` and the ridge ``r`` used: ``ridge``, or the smallest step of
+    :func:`_ridge_ladder` that factorises (with a warning), or a ``ValueError``."""
+    scale = _scale(C64)
+    cap = max(ridge, MAX_RIDGE_ESCALATION * scale)
+    eye = torch.eye(C64.shape[0], dtype=torch.float64, device=C64.device)
+    for used in _ridge_ladder(ridge, scale, cap):
+        factor, info = torch.linalg.cholesky_ex(C64 + used * eye)
+        if int(info) == 0:
+            break
+    else:
+        raise _not_positive_definite(C64, scale, cap, ridge, where)
+    if used != ridge:
+        warnings.warn(
+            f"{where}C is not positive definite with ridge={ridge:g}; factorised with ridge={used:.3e} "
+            f"({used / scale:.1e} of its scale) instead",
+            stacklevel=3,
+        )
+    return factor, used
+
 
 class CovarianceSolver:
     """Solves against a fixed symmetric positive-definite second moment ``C``.
 
     Args:
-        C: (d, d) symmetric matrix (any float dtype), the uncentered key second moment E[kkᵀ].
-        ridge: added to the diagonal before factorising (absolute, ≥ 0). If the factorisation fails,
-            the ridge is raised step by step with a warning; :attr:`ridge` holds the value used.
+        C: (d, d) symmetric matrix (any float dtype), the uncentered key second moment E[kkᵀ]. NaN or
+            Inf entries are refused before anything else.
+        ridge: added to the diagonal before factorising (absolute, ≥ 0; default 0). If the
+            factorisation fails, the ridge is raised step by step with a warning, up to
+            :data:`MAX_RIDGE_ESCALATION` of mean |diag C|; a C that needs more is refused with a
+            ``ValueError``. :attr:`ridge` holds the value used.
+        relative_ridge: the ridge as a fraction of mean |diag C| instead (≥ 0), computed after C has
+            been checked; give ``ridge`` or ``relative_ridge``, not both.
         device: where the inverse lives (default: C's device).
         precision: dtype of the cached inverse, ``"float64"`` (default) or ``"float32"``.
+        source: where C came from (a file, a layer), named in errors and warnings.
 
     Attributes:
         inverse: (d, d) symmetric ``(C + ridge·I)⁻¹`` in ``precision``.
@@ -48,48 +132,34 @@ class CovarianceSolver:
     def __init__(
         self,
         C: Tensor,
-        ridge: float = 0.0,
+        ridge: Optional[float] = None,
         *,
+        relative_ridge: Optional[float] = None,
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "float64",
+        source: Optional[str] = None,
     ):
+        where = f"statistics {source}: " if source else ""
         if not isinstance(C, Tensor) or C.dim() != 2 or C.shape[0] != C.shape[1] or not C.is_floating_point():
             shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
-            raise ValueError(f"C: expected a square floating-point matrix, got {shape}")
-        if not (isinstance(ridge, (int, float)) and ridge >= 0 and math.isfinite(ridge)):
-            raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
+            raise ValueError(f"{where}C: expected a square floating-point matrix, got {shape}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision: expected 'float64' or 'float32', got {precision!r}")
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
-        if not torch.isfinite(C64).all():
-            raise ValueError("C: contains NaN or Inf")
+        _check_finite(C64, where)  # before any ridge arithmetic: a NaN scale makes a NaN ridge
         C64 = 0.5 * (C64 + C64.t())  # exact symmetry, whatever rounding the accumulation left
-        scale = float(C64.diagonal().abs().mean()) or 1.0
-        eye = torch.eye(C64.shape[0], dtype=torch.float64, device=C64.device)
-        used = float(ridge)
-        for attempt in range(12):
-            factor, info = torch.linalg.cholesky_ex(C64 + used * eye)
-            if int(info) == 0:
-                break
-            used = max(used * 10.0, scale * 1e-12 * 10.0**attempt)
-        else:
-            raise ValueError(
-                f"C: not positive definite even with a ridge of {used:.3e}; the statistics are "
-                "probably computed from too few tokens or are corrupted"
-            )
-        if used != ridge:
-            warnings.warn(
-                f"C is not positive definite with ridge={ridge:g}; factorised with ridge={used:.3e} instead",
-                stacklevel=2,
-            )
+        used = _absolute_ridge(ridge, relative_ridge, _scale(C64))
+        factor, used = _factorise(C64, used, where)
         inverse = torch.cholesky_inverse(factor)
         inverse = 0.5 * (inverse + inverse.t())  # the solve kernels read rows as columns
+        eye = torch.eye(C64.shape[0], dtype=torch.float64, device=C64.device)
         norm1 = float((C64 + used * eye).abs().sum(0).max())
         self.condition = norm1 * float(inverse.abs().sum(0).max())
         self.inverse = inverse.to(getattr(torch, precision))
         self.ridge = used
         self.identity = False
         self.dim = int(C64.shape[0])
+        self.source = source
 
     @classmethod
     def identity(cls, dim: int, device: Optional[Union[str, torch.device]] = None) -> "CovarianceSolver":
@@ -112,3 +182,16 @@ class CovarianceSolver:
     def __repr__(self) -> str:
         kind = "identity" if self.identity else f"ridge={self.ridge:.3g}, cond₁={self.condition:.3g}"
         return f"CovarianceSolver(d={self.dim}, {kind}, {self.inverse.dtype}, device={self.device})"
+
+
+def _absolute_ridge(ridge: Optional[float], relative: Optional[float], scale: float) -> float:
+    """The absolute ridge from ``ridge`` or ``relative·scale`` (validated: finite, ≥ 0, not both)."""
+    if ridge is not None and relative is not None:
+        raise ValueError(f"ridge: give ridge={ridge!r} or relative_ridge={relative!r}, not both")
+    for name, value in (("ridge", ridge), ("relative_ridge", relative)):
+        ok = value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
+        if not ok:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if relative is not None:
+        return float(relative) * scale
+    return float(ridge or 0.0)

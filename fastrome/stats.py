@@ -3,12 +3,14 @@
 One forward pass over a text corpus feeds every requested layer: hooks hand each layer's keys
 (every non-pad token) to :func:`fastrome.ops.second_moment_accumulate`, and the pass stops after
 the deepest requested layer. Documents are tokenised, capped at ``max_len`` tokens, and batched
-up to ``batch_tokens`` padded tokens; the total stops exactly at the token budget.
+up to ``batch_tokens`` padded tokens; the total stops at the token budget (one token short of it
+when a single token is left, since one token is no sequence).
 
 Results are :class:`SecondMoment` objects (the fp64 sum and the token count) saved as safetensors
 with JSON metadata: model fingerprint, layer, corpus id, token budget, tokens used, max length,
-dtype. The cache file name is derived from all of these, and a file is validated when loaded:
-statistics are never silently used for a different model, layer or corpus.
+dtype, and a sha256 content digest of the whole file. The cache file name is derived from all of
+these, and a file is validated when loaded: statistics are never silently used for a different
+model, layer or corpus, nor after their bytes changed on disk.
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ from fastrome import ops
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import write_safetensors
 from fastrome.corpus import Corpus, open_corpus
-from fastrome.fingerprint import fingerprint
+from fastrome.fingerprint import content_digest, fingerprint
 from fastrome.keys import StopForward, input_device
+from fastrome.solver import CovarianceSolver
 from fastrome.tokens import encode, pad_id, right_pad
 
 FORMAT = "fastrome.second_moment.v1"
 MIN_TOKENS = 100_000
 TOKENS_PER_DIM = 20
+# Metadata entry holding the sha256 of everything else in the file (see fingerprint.content_digest).
+DIGEST_KEY = "content_sha256"
+# Shortest sequence a pass reads: one token has no context, nothing a prompt would look like.
+MIN_SEQUENCE_TOKENS = 2
 
 
 def default_token_budget(d_in: int) -> int:
@@ -59,6 +66,63 @@ def layer_fingerprint(adapter: ModelAdapter, layer: int) -> str:
     return fingerprint(adapter.config, adapter.layer_parameters(layer), extra=adapter.module_template)
 
 
+def check_sum(total: Tensor, where: str) -> None:
+    """Raise ``ValueError`` unless ``total`` can be a sum of ``k kᵀ``: finite, with a diagonal of
+    sums of squares (≥ 0). Catches NaN/Inf keys and damage a digest cannot, in files without one.
+
+    Args:
+        total: (d, d) float sum.
+        where: prefix of the message, naming the file or layer.
+    """
+    bad = int((~torch.isfinite(total)).sum())
+    if bad:
+        raise ValueError(f"{where}: the sum has {bad:,} non-finite entries (NaN or Inf) of {total.numel():,}")
+    negative = int((total.diagonal() < 0).sum())
+    if negative:
+        raise ValueError(
+            f"{where}: {negative:,} diagonal entries of the sum are negative, which a sum of k kᵀ never has; "
+            "the statistics are corrupted"
+        )
+
+
+def _with_digest(tensors: Dict[str, Tensor], meta: Dict[str, str]) -> Dict[str, str]:
+    """``meta`` plus the content digest of (``tensors``, ``meta``), as it is written."""
+    return {**meta, DIGEST_KEY: content_digest(tensors, meta)}
+
+
+def _verify_digest(tensors: Dict[str, Tensor], meta: Dict[str, str], where: str, *, required: bool) -> None:
+    """Check the digest in ``meta`` (removed from it) against the content read.
+
+    Raises ``ValueError`` on a mismatch, or when ``required`` and there is none; a file from before
+    digests existed otherwise loads, with a warning that it cannot be verified.
+    """
+    recorded = meta.pop(DIGEST_KEY, None)
+    if recorded is None:
+        if required:
+            raise ValueError(f"{where} has no content digest")
+        warnings.warn(
+            f"{where} has no content digest (written by an older fastrome), so damage to its numbers cannot "
+            "be detected; save it again or recompute it to add one",
+            stacklevel=3,
+        )
+        return
+    actual = content_digest(tensors, meta)
+    if actual != recorded:
+        raise ValueError(
+            f"{where} is corrupted: its contents hash to sha256 {actual[:16]}…, not the {recorded[:16]}… recorded "
+            "when it was written (the file was damaged or altered since); recompute it"
+        )
+
+
+def _read_safetensors(path: Path, where: str) -> Tuple[Dict[str, str], Dict[str, Tensor]]:
+    """(metadata, every tensor) of a safetensors file; ``ValueError`` when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise ValueError(f"{where} is not a readable fastrome statistics file ({exc})") from None
+
+
 @dataclass
 class SecondMoment:
     """Sum of ``k kᵀ`` over ``count`` keys at one layer, with where it came from.
@@ -68,12 +132,14 @@ class SecondMoment:
         sum: (d, d) float64 (or float32) symmetric sum.
         count: number of keys (tokens) summed.
         meta: provenance (model fingerprint, corpus id, budget, max length, dtype, ...).
+        source: the file these statistics were read from or saved to, if any (named in errors).
     """
 
     layer: int
     sum: Tensor
     count: int
     meta: Dict[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None
 
     @property
     def dim(self) -> int:
@@ -87,42 +153,65 @@ class SecondMoment:
         return self.sum / self.count
 
     def to_device(self, device: Union[str, torch.device]) -> "SecondMoment":
-        return SecondMoment(layer=self.layer, sum=self.sum.to(device), count=self.count, meta=dict(self.meta))
+        return SecondMoment(layer=self.layer, sum=self.sum.to(device), count=self.count, meta=dict(self.meta),
+                            source=self.source)
 
     def describe(self) -> str:
         corpus = self.meta.get("corpus", "?")
         return f"layer {self.layer}: {self.count:,} tokens of {corpus}"
 
+    def solver(
+        self,
+        relative_ridge: float,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        precision: str = "float64",
+    ) -> CovarianceSolver:
+        """A :class:`~fastrome.solver.CovarianceSolver` of ``C`` (:attr:`matrix`, (d, d)) with a ridge
+        of ``relative_ridge`` · mean |diag C|; its errors name these statistics' file (or layer)."""
+        corpus = self.meta.get("corpus", "?")
+        where = repr(self.source) if self.source else f"of layer {self.layer} ({self.count:,} tokens of {corpus})"
+        return CovarianceSolver(self.matrix, relative_ridge=relative_ridge, device=device, precision=precision,
+                                source=where)
+
     def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write a safetensors file: the sum, and metadata with a content digest of it all."""
+        total = self.sum.detach().contiguous().cpu()
         meta = {k: json.dumps(v) for k, v in self.meta.items()}
         meta.update(format=FORMAT, layer=str(self.layer), count=str(self.count))
-        return write_safetensors(path, {"sum": self.sum}, meta)
+        written = write_safetensors(path, {"sum": total}, _with_digest({"sum": total}, meta))
+        self.source = str(written)
+        return written
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SecondMoment":
-        """Read a file written by :meth:`save` (safetensors only, nothing is unpickled)."""
+        """Read a file written by :meth:`save` (safetensors only, nothing is unpickled).
+
+        Raises:
+            ValueError: naming the file, when it is unreadable, of another format, has damaged
+                metadata, does not match its content digest, or holds a sum that is not square,
+                not finite or has negative diagonal entries. A file written before digests existed
+                loads, with a warning.
+        """
         path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                if "sum" not in f.keys():
-                    raise ValueError("no 'sum' tensor")
-                total = f.get_tensor("sum")
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise ValueError(f"stats: {str(path)!r} is not a readable fastrome statistics file ({exc})") from None
+        where = f"stats: {str(path)!r}"
+        meta, tensors = _read_safetensors(path, where)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"stats: {str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise ValueError(f"{where} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        if "sum" not in tensors:
+            raise ValueError(f"{where} is not a readable fastrome statistics file (no 'sum' tensor)")
+        _verify_digest(tensors, meta, where, required=False)
+        total = tensors["sum"]
         try:
             layer, count = int(meta.pop("layer")), int(meta.pop("count"))
             meta.pop("format")
             info = {k: json.loads(v) for k, v in meta.items()}
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"stats: {str(path)!r} has damaged metadata ({exc})") from None
+            raise ValueError(f"{where} has damaged metadata ({exc})") from None
         if total.dim() != 2 or total.shape[0] != total.shape[1] or count <= 0:
-            raise ValueError(f"stats: {str(path)!r} holds a {tuple(total.shape)} sum over {count} tokens")
-        if not torch.isfinite(total).all():
-            raise ValueError(f"stats: {str(path)!r} contains NaN or Inf")
-        return cls(layer=layer, sum=total, count=count, meta=info)
+            raise ValueError(f"{where} holds a {tuple(total.shape)} sum over {count} tokens")
+        check_sum(total, where)
+        return cls(layer=layer, sum=total, count=count, meta=info, source=str(path))
 
     def check(self, *, layer: int, dim: int, model_fingerprint: Optional[str], source: str = "stats") -> None:
         """Raise ``ValueError`` if these statistics do not belong to (model, layer)."""
@@ -144,39 +233,58 @@ CHECKPOINT_FORMAT = "fastrome.stats_checkpoint.v1"
 
 
 def _sequences(corpus: Corpus, tokenizer: Any, budget: int, max_len: int, packing: str) -> Iterator[List[int]]:
-    """The token sequences one pass reads, in a fixed order, exactly ``budget`` tokens in total
-    (fewer only when the corpus runs out).
+    """The token sequences one pass reads, in a fixed order: ``budget`` tokens in total, or
+    ``budget - 1`` when the one token left could only form a sequence of its own; fewer only when
+    the corpus runs out. Every sequence has ``MIN_SEQUENCE_TOKENS`` to ``max_len`` tokens.
 
     ``truncate`` (the published setup): every document is its own sequence, cut at ``max_len``.
     ``pack``: documents are concatenated, each followed by the tokenizer's EOS when it has one, and
     cut into ``max_len`` windows, so no token is dropped and batches carry no padding.
+
+    Documents are tokenised lazily and none after the budget is spent: once fewer than
+    ``MIN_SEQUENCE_TOKENS`` are left, no further document could contribute a token.
     """
     docs = corpus.token_ids(lambda text: encode(tokenizer, text))
-    left = budget
     if packing == "truncate":
-        for ids in docs:
-            if left <= 0:
-                return
-            ids = ids[:max_len][:left]
-            if len(ids) < 2:  # one token has no context: nothing a prompt would look like
-                continue
-            left -= len(ids)
-            yield ids
+        yield from _truncated(docs, budget, max_len)
+    else:
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        yield from _packed(docs, budget, max_len, eos if isinstance(eos, int) else None)
+
+
+def _truncated(docs: Iterator[List[int]], budget: int, max_len: int) -> Iterator[List[int]]:
+    """One sequence per document, cut at ``max_len`` and at what is left of ``budget``."""
+    left = budget
+    if left < MIN_SEQUENCE_TOKENS:
         return
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    for ids in docs:
+        ids = ids[: min(max_len, left)]
+        if len(ids) < MIN_SEQUENCE_TOKENS:  # a one-token document: no context to take keys in
+            continue
+        left -= len(ids)
+        yield ids
+        if left < MIN_SEQUENCE_TOKENS:
+            return  # checked before the next document is read: it would only be tokenised and dropped
+
+
+def _packed(docs: Iterator[List[int]], budget: int, max_len: int, eos: Optional[int]) -> Iterator[List[int]]:
+    """The documents' tokens (each followed by ``eos`` unless None) cut into ``max_len`` windows."""
+    left = budget
+    if left < MIN_SEQUENCE_TOKENS:
+        return
     buf: List[int] = []
     for ids in docs:
         buf.extend(ids)
-        if isinstance(eos, int):
+        if eos is not None:
             buf.append(eos)
-        while len(buf) >= max_len and left > 0:
-            chunk, buf = buf[: min(max_len, left)], buf[max_len:]
-            left -= len(chunk)
-            if len(chunk) >= 2:
-                yield chunk
-        if left <= 0:
+        while len(buf) >= max_len and left >= MIN_SEQUENCE_TOKENS:
+            take = min(max_len, left)
+            chunk, buf = buf[:take], buf[max_len:]
+            left -= take
+            yield chunk
+        if left < MIN_SEQUENCE_TOKENS:
             return
-    if left > 0 and len(buf) >= 2:
+    if len(buf) >= MIN_SEQUENCE_TOKENS:  # the corpus ended inside a window: its rest, within budget
         yield buf[:left]
 
 
@@ -237,6 +345,9 @@ class _Progress:
 
 
 def _save_checkpoint(path: Path, key: str, accs: Dict[int, Tensor], state: _Progress) -> None:
+    """Write the partial sums and progress, with a content digest (a damaged checkpoint would
+    otherwise be resumed into statistics that then get a valid digest of their own)."""
+    tensors = {f"sum.{layer}": acc.detach().contiguous().cpu() for layer, acc in accs.items()}
     meta = {
         "format": CHECKPOINT_FORMAT,
         "key": key,
@@ -245,7 +356,7 @@ def _save_checkpoint(path: Path, key: str, accs: Dict[int, Tensor], state: _Prog
         "seen": str(state.seen),
         "seconds": repr(state.seconds),
     }
-    write_safetensors(path, {f"sum.{layer}": acc for layer, acc in accs.items()}, meta)
+    write_safetensors(path, tensors, _with_digest(tensors, meta))
 
 
 def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[_Progress]:
@@ -254,19 +365,19 @@ def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
-                raise ValueError("it belongs to a different pass (model, layers, corpus or settings differ)")
-            loaded = {}
-            for layer, acc in accs.items():
-                t = f.get_tensor(f"sum.{layer}")
-                if t.shape != acc.shape or t.dtype != acc.dtype:
-                    raise ValueError(f"layer {layer} sum is {tuple(t.shape)} {t.dtype}")
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"layer {layer} sum contains NaN or Inf")
-                loaded[layer] = t
-            state = _Progress(int(meta["next_batch"]), int(meta["count"]), int(meta["seen"]), float(meta["seconds"]))
+        meta, tensors = _read_safetensors(path, "it")
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
+            raise ValueError("it belongs to a different pass (model, layers, corpus or settings differ)")
+        # required: restarting costs only time, resuming from damaged sums would corrupt the result
+        _verify_digest(tensors, meta, "it", required=True)
+        loaded = {}
+        for layer, acc in accs.items():
+            t = tensors[f"sum.{layer}"]
+            if t.shape != acc.shape or t.dtype != acc.dtype:
+                raise ValueError(f"layer {layer} sum is {tuple(t.shape)} {t.dtype}")
+            check_sum(t, f"layer {layer}")
+            loaded[layer] = t
+        state = _Progress(int(meta["next_batch"]), int(meta["count"]), int(meta["seen"]), float(meta["seconds"]))
     except Exception as exc:  # a damaged file raises several types; none of them may stop the run
         warnings.warn(f"not resuming from {path}: {exc}; starting over", stacklevel=3)
         return None
@@ -321,7 +432,9 @@ def compute(
         layers: layer indices (any order; duplicates are merged).
         corpus: a :class:`~fastrome.corpus.Corpus`, a source for :func:`~fastrome.corpus.open_corpus`,
             or None for the bundled corpus. Pre-tokenized corpora are read as token ids.
-        tokens: token budget (default :func:`default_token_budget`).
+        tokens: token budget, at least ``MIN_SEQUENCE_TOKENS`` (default :func:`default_token_budget`).
+            The pass stops once fewer than ``MIN_SEQUENCE_TOKENS`` are left, so it may use one
+            token less; it warns when the corpus ran out before that.
         max_len: longest sequence in tokens, whatever the model's context size.
         dtype: running-sum dtype, float64 (default) or float32.
         batch_tokens: padded tokens per forward batch.
@@ -352,8 +465,8 @@ def compute(
     if not isinstance(corpus, Corpus):
         corpus = open_corpus(corpus)
     budget = int(tokens) if tokens is not None else default_token_budget(adapter.d_in)
-    if budget < 1:
-        raise ValueError(f"tokens: expected a positive budget, got {tokens!r}")
+    if budget < MIN_SEQUENCE_TOKENS:
+        raise ValueError(f"tokens: expected a budget of at least {MIN_SEQUENCE_TOKENS} tokens, got {tokens!r}")
     if corpus.pretokenized:
         vocab, top = _vocab_size(adapter), corpus.max_token_id
         if vocab is not None and top is not None and top >= vocab:
@@ -445,7 +558,11 @@ def compute(
         dist.all_reduce(total)
         count = int(total.item())
     seconds = time.perf_counter() - t0
-    if count < budget:
+    for layer in layers:
+        check_sum(accs[layer], f"statistics of layer {layer} over {corpus.id}")  # NaN/Inf keys: refuse, never cache
+    # One token short is the budget met (a single token makes no sequence); two or more short can
+    # only mean the documents ended first.
+    if count <= budget - MIN_SEQUENCE_TOKENS:
         warnings.warn(
             f"corpus {corpus.id} ran out after {count:,} of the {budget:,} tokens requested", stacklevel=2
         )
@@ -543,8 +660,8 @@ def load_or_compute(
                 sm.check(layer=layer, dim=adapter.d_in, model_fingerprint=fp, source=str(path))
                 if sm.meta.get("corpus") != corpus.id or sm.meta.get("tokens_requested") != budget:
                     raise ValueError("corpus or budget differ from the file name's")
+                sm.meta["path"] = str(path)  # before the copy to the device, so the result carries it
                 found[layer] = sm.to_device(adapter.device(layer))
-                sm.meta["path"] = str(path)
                 continue
             except ValueError as exc:
                 warnings.warn(f"ignoring cached statistics {path}: {exc}; recomputing", stacklevel=2)
@@ -576,8 +693,8 @@ def load_or_compute(
         for layer, sm in computed.items():
             if layer in paths:
                 if rank == 0:
-                    sm.save(paths[layer])
-                sm.meta["path"] = str(paths[layer])
+                    sm.save(paths[layer])  # replaces a damaged or mismatching file of that name
+                sm.meta["path"] = sm.source = str(paths[layer])
             found[layer] = sm
         if ckpt is not None:
             if dist is not None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastrome import Editor, EditConfig, Journal, RequestError, load_edits
+from fastrome import EditConfig, Editor, Journal, RequestError, load_edits
 from fastrome import editor as editor_module
 from fastrome import sequential as sequential_module
 from fastrome import values as values_module

@@ -42,7 +42,7 @@ def reference_sums(model, tok, layers, corpus, budget, max_len):
     try:
         with torch.no_grad():
             for text in corpus.documents():
-                if left <= 0:
+                if left < 2:  # a single token left makes no sequence
                     break
                 ids = encode(tok, text)[:max_len][:left]
                 if len(ids) < 2:

@@ -20,7 +20,7 @@ import fastrome.ops as ops_mod
 from fastrome import Editor
 from fastrome.adapter import ModelAdapter
 from fastrome.cli import main, parse_layers
-from fastrome.corpus import open_corpus
+from fastrome.corpus import Corpus, open_corpus
 from fastrome.interop import layer_from_name, load_rome_npz
 from fastrome.stats import _batches, _sequences, compute, load_or_compute, run_key
 from fastrome.tokens import encode
@@ -87,6 +87,61 @@ def test_sequences_hit_the_budget_exactly_and_packing_keeps_every_token(byteleve
         assert flat[start:start + 7] == sorted(seqs[start:start + 7], key=len, reverse=True)
 
 
+class WordTokenizer:
+    """One token per word (its length as the id), recording every text it is asked to tokenise."""
+
+    eos_token_id = None
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, text, add_special_tokens=True):
+        self.texts.append(text)
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def word_corpus(n_docs: int) -> Corpus:
+    """Documents of three words (three tokens for WordTokenizer), each text distinct."""
+    return Corpus(id=f"test:words{n_docs}", description="", _documents=tuple(f"doc{i} a b" for i in range(n_docs)))
+
+
+def tokenised(tok: WordTokenizer, corpus: Corpus) -> list:
+    docs = set(corpus.documents())
+    return [t for t in tok.texts if t in docs]  # without the tokenizer probes of fastrome.tokens
+
+
+def test_one_token_of_budget_left_ends_the_truncated_pass_without_reading_on():
+    tok, corpus = WordTokenizer(), word_corpus(12)
+    seqs = list(_sequences(corpus, tok, 3 * 3 + 1, 64, "truncate"))
+    assert [len(s) for s in seqs] == [3, 3, 3]
+    assert tokenised(tok, corpus) == list(corpus.documents())[:3]  # not the nine documents after them
+
+
+def test_one_token_of_budget_left_ends_the_packed_pass_and_makes_no_one_token_sequence():
+    tok, corpus = WordTokenizer(), word_corpus(12)
+    seqs = list(_sequences(corpus, tok, 11, 5, "pack"))
+    assert [len(s) for s in seqs] == [5, 5]
+    assert len(tokenised(tok, corpus)) == 4  # the documents the two windows took, no more
+    # the corpus ending inside a window with one token of budget left: that token is no sequence
+    seqs = list(_sequences(word_corpus(4), WordTokenizer(), 11, 5, "pack"))
+    assert [len(s) for s in seqs] == [5, 5]
+    assert list(_sequences(corpus, tok, 1, 5, "pack")) == list(_sequences(corpus, tok, 1, 5, "truncate")) == []
+
+
+def test_pass_with_one_token_of_budget_left_does_not_report_the_corpus_running_out(make_tiny):
+    model, tok = make_tiny("llama-bytelevel")
+    rows = [np.arange(10 + i, 60 + i, dtype=np.int64) for i in range(10)]
+    for row in rows:
+        row.setflags(write=False)
+    corpus = Corpus(id="test:ids", description="", _token_documents=tuple(rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "ran out" nor anything else
+        sm = compute(ModelAdapter(model), tok, [1], corpus=corpus, tokens=4 * 50 + 1, max_len=64, progress=False)[1]
+    assert sm.count == sm.meta["tokens"] == 200 and sm.meta["sequences"] == 4 and sm.meta["tokens_requested"] == 201
+    with pytest.warns(UserWarning, match="ran out after 500 of the 502"):
+        compute(ModelAdapter(model), tok, [1], corpus=corpus, tokens=502, max_len=64, progress=False)
+
+
 def test_packed_pass_equals_fp64_reference_of_the_same_sequences(make_tiny, corpus_file):
     model, tok = make_tiny("llama-sentencepiece")
     corpus = open_corpus(corpus_file, seed=2)
@@ -103,7 +158,7 @@ def test_bad_arguments_are_refused_before_any_work(make_tiny, corpus_file):
     model, tok = make_tiny()
     adapter = ModelAdapter(model)
     bad = [({"packing": "zip"}, "packing"), ({"max_len": 1}, "max_len"), ({"batch_tokens": 0}, "batch_tokens"),
-           ({"dtype": torch.float16}, "dtype"), ({"tokens": 0}, "tokens"),
+           ({"dtype": torch.float16}, "dtype"), ({"tokens": 0}, "tokens"), ({"tokens": 1}, "tokens"),
            ({"checkpoint_every": 0}, "checkpoint_every")]
     for kw, word in bad:
         with pytest.raises(ValueError, match=word):

@@ -1,0 +1,84 @@
+"""kill -9 at three moments of a real run (the embedded SmolLM2 model, three CounterFact edits),
+then a resume: the weights end bit for bit where an uninterrupted run ends, each record applied
+once and logged once. The moments: during the second edit's value optimisation (nothing of it
+written), after its factor file reached the disk but before its journal line, and after its
+journal line but before its run-log line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import data_file
+
+pytestmark = pytest.mark.integration
+
+CHILD = Path(__file__).with_name("kill_resume_child.py")
+
+
+@pytest.fixture(scope="module")
+def saved_model(smollm2, tmp_path_factory):
+    """The embedded model saved as a plain folder, so each child process loads it in a second
+    instead of dequantising the GGUF file again."""
+    from safetensors.torch import save_model
+
+    model, tok = smollm2
+    path = tmp_path_factory.mktemp("smollm2")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are saved dequantised
+    (path / "config.json").write_text(json.dumps(config))
+    save_model(model, str(path / "model.safetensors"))  # handles the tied embedding
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill-inputs")
+    records = json.loads(data_file("counterfact", "counterfact_dev.json").read_text())[:3]
+    (root / "records.json").write_text(json.dumps(records))
+    texts = [r["Text"] for r in json.loads(data_file("me_ppl", "ME-PPL_50.json").read_text())]
+    (root / "corpus.txt").write_text("\n\n".join(texts), encoding="utf-8")
+    return root
+
+
+def child(saved_model, inputs, out, result, kill_at, cache):
+    env = {**os.environ, "FASTROME_CACHE": str(cache), "PYTHONPATH": str(CHILD.parent)}
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(saved_model), str(out), str(inputs / "records.json"),
+         str(inputs / "corpus.txt"), str(result), kill_at],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(saved_model, inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    done = child(saved_model, inputs, root / "run", root / "w.safetensors", "none", root.parent / "kill-cache")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(root / "w.safetensors")["weight"], json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kill_at", ["values", "factor", "log"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(saved_model, inputs, uninterrupted, tmp_path, kill_at):
+    whole, summary = uninterrupted
+    assert summary["applied"] == 3
+    cache = tmp_path.parent / "kill-cache"
+    killed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", kill_at, cache)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (tmp_path / "w.safetensors").exists()
+    resumed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", "none", cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["done"] == summary["done"]
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["weight"], whole)
+    log = [json.loads(x) for x in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
+    assert [str(e["case_id"]) for e in log] == summary["done"] and all(e["status"] == "applied" for e in log)
+    journal = [json.loads(x) for x in (tmp_path / "run" / "journal" / "edits.jsonl").read_text().splitlines()]
+    assert [e["edit_id"] for e in journal] == [0, 1, 2]
