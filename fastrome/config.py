@@ -54,6 +54,9 @@ class EditConfig:
     v_weight_decay: Optional[float] = None
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 5e-2
+    # most-probable early stopping: stop once the new target is the teacher-forced top prediction
+    # at every templated prompt for this many consecutive checks (0: off; the loss rule stays)
+    mpes_checks: int = 0
     v_fast: bool = True
     # statistics and solve
     stats_tokens: Optional[int] = None
@@ -62,6 +65,11 @@ class EditConfig:
     stats_batch_tokens: int = 8192
     stats_packing: str = "truncate"
     ridge: float = 1e-6
+    # edit memory: each edit at a layer is solved against A = C + memory_beta·Σ k̄ᵢk̄ᵢᵀ over the
+    # earlier edits there (0: off, the classic one-edit solve); A⁻¹ is kept by Sherman–Morrison and
+    # refactorised from C and the keys every memory_refactor_every edits
+    memory_beta: float = 0.0
+    memory_refactor_every: int = 256
     # guards
     policy: str = "raise"
     min_denom_rel: float = 1e-6
@@ -102,6 +110,12 @@ class EditConfig:
                 raise bad(name, "a finite non-negative number")
         if not integer(self.template_seed):
             raise bad("template_seed", "an int")
+        if not integer(self.mpes_checks) or self.mpes_checks < 0:
+            raise bad("mpes_checks", "an int >= 0 (0: off)")
+        if not (number(self.memory_beta) and math.isfinite(self.memory_beta) and self.memory_beta >= 0):
+            raise bad("memory_beta", "a finite non-negative number (0: off)")
+        if not integer(self.memory_refactor_every) or self.memory_refactor_every < 1:
+            raise bad("memory_refactor_every", "a positive int")
         if not isinstance(self.spread, int) or isinstance(self.spread, bool) or self.spread < 1:
             raise bad("spread", "a positive int")
         if not isinstance(self.v_fast, bool):

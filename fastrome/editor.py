@@ -435,6 +435,7 @@ class Editor:
         for rec, vr in zip(recs, vrs):
             rec.seconds["keys"], rec.seconds["values"] = key_seconds, value_seconds
             rec.losses, rec.steps, rec.early_stopped = list(vr.losses), vr.steps, vr.early_stopped
+            rec.stop_reason = vr.stop_reason
             rec.delta_norm, rec.v_init_norm = float(vr.delta.norm()), float(vr.v_init.norm())
             rec.target_prob = vr.final_target_prob
             rec.batch = len(reqs)

@@ -41,6 +41,7 @@ class EditRecord:
     losses: List[float] = field(default_factory=list)
     steps: int = 0
     early_stopped: bool = False
+    stop_reason: str = ""  # why the value optimisation stopped: "loss", "top" or "steps"
     stats: str = ""
     seconds: Dict[str, float] = field(default_factory=lambda: {p: 0.0 for p in PHASES})
     edit_id: Optional[int] = None  # id in the editor's journal once applied

@@ -5,7 +5,9 @@ each context template filled with the request (followed by the target minus its 
 the essence prompt ``"{subject} is a"``. The loss is the mean over prompts of the mean per-token
 NLL of the target, plus ``kl_factor``·KL(current ‖ initial) of the next-token distribution at the
 essence prompt's subject token, plus ``weight_decay``·‖δ‖/‖v_init‖². Adam (lr 0.5) runs until the
-loss drops below ``early_stop_loss`` or the step budget is spent; after each step δ is projected
+loss drops below ``early_stop_loss``, until the target has been the top prediction at every
+templated prompt for ``mpes_checks`` consecutive checks (when set), or until the step budget is
+spent; after each step δ is projected
 into the ball of radius ``clamp_norm_factor``·‖v_init‖. ``v_init`` is the MLP output at the
 unprefixed prompt.
 
@@ -43,6 +45,7 @@ class ValueResult:
     nll: List[float] = field(default_factory=list)
     steps: int = 0
     early_stopped: bool = False
+    stop_reason: str = "steps"  # "loss" (below early_stop_loss), "top" (most-probable early stopping) or "steps"
     runner: str = ""
 
     @property
@@ -148,7 +151,10 @@ def optimize_values(
 
     Each request's loss depends only on its own row of ``δ`` and Adam is elementwise, so every
     request follows the trajectory it would follow alone (up to floating-point rounding); a request
-    that meets ``early_stop_loss`` is frozen and leaves the batch while the others go on. ``fast`` allows the suffix
+    that meets ``early_stop_loss``, or with ``cfg.mpes_checks = m > 0`` has had its target as the
+    teacher-forced top prediction at every token of every templated prompt for m consecutive checks
+    (most-probable early stopping: a smaller δ, so a smaller write), is frozen and leaves the batch
+    while the others go on. ``fast`` allows the suffix
     runner (see :mod:`fastrome.runners`). ``on_step(step, mean loss of the active requests)``.
     """
     if not templates or templates[0] != "{}":
@@ -170,6 +176,7 @@ def optimize_values(
         for g in range(n_req)
     ]
     active = torch.ones(n_req, dtype=torch.bool, device=dev)
+    streak = [0] * n_req  # consecutive checks with the target on top (most-probable early stopping)
     kl_init: Optional[Tensor] = None
     with frozen(adapter.model):
         for it in range(cfg.v_steps):
@@ -186,14 +193,23 @@ def optimize_values(
             decay = cfg.v_weight_decay * delta.norm(dim=1) / v_norm**2
             loss = nll + kl + decay
             values, nlls = loss.detach().tolist(), nll.detach().tolist()
+            if cfg.mpes_checks:
+                # the target is the top prediction at every one of its tokens in every templated prompt
+                missed = (logp[index.reads].detach().argmax(-1) != index.tokens).float()
+                on_top = (torch.zeros(n_req, device=dev).index_add(0, index.group, missed) == 0).tolist()
             stopping = []
             for g in range(n_req):
                 if not active[g]:
                     continue
                 results[g].losses.append(values[g])
                 results[g].nll.append(nlls[g])
+                if cfg.mpes_checks:
+                    streak[g] = streak[g] + 1 if on_top[g] else 0
                 if values[g] < cfg.early_stop_loss:
-                    results[g].early_stopped = True
+                    results[g].early_stopped, results[g].stop_reason = True, "loss"
+                    stopping.append(g)
+                elif cfg.mpes_checks and streak[g] >= cfg.mpes_checks:
+                    results[g].early_stopped, results[g].stop_reason = True, "top"
                     stopping.append(g)
             if on_step is not None:
                 live = [values[g] for g in range(n_req) if active[g]]
