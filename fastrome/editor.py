@@ -26,6 +26,7 @@ from fastrome.guards import EditRefused
 from fastrome.interop import load_rome_npz
 from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
 from fastrome.keys import capture_at, capture_residual
+from fastrome.memory import EditMemory
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
@@ -174,9 +175,10 @@ class Editor:
         layer = self.layer if layer is None else layer
         self._ensure_solvers([layer])
         solver = self._solvers[layer]
+        memory = f"; edit memory β {solver.beta:g}" if isinstance(solver, EditMemory) else ""
         if solver.identity:
-            return self._stats_source[layer]
-        return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}"
+            return self._stats_source[layer] + memory
+        return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}{memory}"
 
     def _ensure_solvers(self, layers: Iterable[int]) -> None:
         missing = sorted({int(layer) for layer in layers} - set(self._solvers))
@@ -213,6 +215,23 @@ class Editor:
             for layer, sm in found.items():
                 self._solvers[layer] = self._solver_from_moment(layer, sm)
                 self._stats_source[layer] = sm.describe()
+        if self.config.memory_beta > 0:
+            for layer in missing:
+                memory = EditMemory(self._solvers[layer], self.config.memory_beta, self.config.memory_refactor_every)
+                memory.rebuild(self._journal_keys(layer))
+                self._solvers[layer] = memory
+
+    def _journal_keys(self, layer: int) -> List[Tensor]:
+        """The solved keys of the journal's edits at ``layer``, in order (what its memory holds)."""
+        keys = []
+        for e in self.journal:
+            if e.layer == layer:
+                if e.key is None:
+                    raise ValueError(f"config.memory_beta: edit {e.edit_id} in the journal has no key (written "
+                                     "before keys were kept), so the edit memory cannot be rebuilt; resume it "
+                                     "with memory_beta=0")
+                keys.append(e.key)
+        return keys
 
     @contextmanager
     def _unedited(self) -> Iterator[None]:
@@ -470,7 +489,9 @@ class Editor:
         rec.seconds["write"] = _now() - t0
         if rec.applied:
             rec.edit_id = self.journal.next_id
-            self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict()))
+            self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(),
+                                             key=plan.solved_key))
+            self._remember(layer, plan.solved_key)
         self.last = EditArtifacts(
             layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=vr.v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
@@ -570,10 +591,10 @@ class Editor:
                 rec.parts[i]["edit_id"] = first + i
                 self._total_ratio[part_layer] = total
             whole = rec.to_dict()
-            for i, (part_layer, plan, _) in enumerate(written):
-                self.journal.append(
-                    JournalEntry(first + i, part_layer, plan.u, plan.lam, req.to_dict(), {**whole, "part": i})
-                )
+            for i, (part_layer, part_plan, _) in enumerate(written):
+                self.journal.append(JournalEntry(first + i, part_layer, part_plan.u, part_plan.lam, req.to_dict(),
+                                                 {**whole, "part": i}, key=part_plan.solved_key))
+                self._remember(part_layer, part_plan.solved_key)
         self.last = EditArtifacts(
             layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
             v_star=vr.v_star, u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
@@ -588,10 +609,20 @@ class Editor:
         self._base[layer] = weight.detach().clone()
         self.journal.note_base(layer, weight_digest(weight))
 
+    def _remember(self, layer: int, key: Tensor) -> None:
+        """An applied edit's key joins its layer's edit memory (when the memory is on)."""
+        solver = self._solvers.get(layer)
+        if isinstance(solver, EditMemory):
+            solver.add(key)
+
     def _rebuild(self, layers: Iterable[int]) -> None:
         """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
-        the original writes, through a fresh fp32 master for half-precision weights)."""
+        the original writes, through a fresh fp32 master for half-precision weights), and its edit
+        memory to the journal's keys there."""
         for layer in sorted(set(layers)):
+            solver = self._solvers.get(layer)
+            if isinstance(solver, EditMemory):
+                solver.rebuild(self._journal_keys(layer))
             weight, base = self.adapter.weight(layer), self._base[layer]
             master = None if base.dtype in (torch.float32, torch.float64) else base.float()
             total = 0.0

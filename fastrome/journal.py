@@ -9,7 +9,7 @@ On disk a journal is a folder::
 
     journal.json          format, the digest of each edited layer's base weight, the context templates
     edits.jsonl           one JSON line per applied edit (id, layer, request, metrics, factor file)
-    factors/000042.safetensors   u (d_in,) and lam (d_out,) in fp32
+    factors/000042.safetensors   u (d_in,), lam (d_out,) and the solved key (d_in,) in fp32
 
 An edit is recorded like a database's write-ahead log: the factor file is written under a temporary
 name, fsynced and renamed (and the folder fsynced); only then is its line appended and fsynced, and
@@ -53,6 +53,9 @@ class JournalEntry:
         layer: edited layer.
         u: (d_in,) float32 left vector, on the CPU.
         lam: (d_out,) float32 right vector Λ, on the CPU.
+        key: (d_in,) float32 key the edit was solved for (k̄ in the consistent mode), on the CPU:
+            the edit memory is rebuilt from these on resume and undo. None in journals written
+            before keys were kept.
         request: the request as a dict (``EditRequest.to_dict()``).
         record: the edit's metrics (``EditRecord.to_dict()``).
     """
@@ -63,11 +66,18 @@ class JournalEntry:
     lam: Tensor
     request: Dict[str, Any] = field(default_factory=dict)
     record: Dict[str, Any] = field(default_factory=dict)
-    digest: Optional[str] = None  # factor_digest(u, lam), computed once
+    digest: Optional[str] = None  # factor_digest(u, lam, key), computed once
+    key: Optional[Tensor] = None
+
+    def tensors(self) -> Dict[str, Tensor]:
+        out = {"u": self.u, "lam": self.lam}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
 
     def header(self) -> Dict[str, Any]:
         if self.digest is None:
-            self.digest = factor_digest(self.u, self.lam)
+            self.digest = factor_digest(self.u, self.lam, self.key)
         return {"edit_id": self.edit_id, "layer": self.layer, "request": self.request, "record": self.record,
                 "factors_sha256": self.digest}
 
@@ -75,19 +85,19 @@ class JournalEntry:
         """Raise ``ValueError`` naming ``where`` unless the factors are finite and match ``digest``
         (None: written before digests were kept; only finiteness is checked)."""
         if digest is not None:
-            if factor_digest(self.u, self.lam) != digest:
+            if factor_digest(self.u, self.lam, self.key) != digest:
                 raise ValueError(f"{where}: edit {self.edit_id}'s factors do not match their recorded sha256 "
                                  "(the file is damaged); refusing to replay them")
             self.digest = digest
-        if not (bool(torch.isfinite(self.u).all()) and bool(torch.isfinite(self.lam).all())):
+        if not all(bool(torch.isfinite(t).all()) for t in self.tensors().values()):
             raise ValueError(f"{where}: edit {self.edit_id}'s factors are not finite (the file is damaged); "
                              "refusing to replay them")
 
 
-def factor_digest(u: Tensor, lam: Tensor) -> str:
-    """sha256 of an edit's factors as stored (fp32 ``u`` then ``lam``, exact bytes)."""
+def factor_digest(u: Tensor, lam: Tensor, key: Optional[Tensor] = None) -> str:
+    """sha256 of an edit's factors as stored (fp32 ``u``, ``lam`` and, when kept, ``key``; exact bytes)."""
     h = hashlib.sha256()
-    for t in (u, lam):
+    for t in (u, lam) if key is None else (u, lam, key):
         t = t.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -204,9 +214,11 @@ class Journal:
         try:
             with safe_open(str(path), framework="pt") as f:
                 u, lam = f.get_tensor("u"), f.get_tensor("lam")
+                key = f.get_tensor("key") if "key" in f.keys() else None
         except Exception as exc:
             raise ValueError(f"journal: edit {edit_id}'s factors {path} cannot be read ({exc})") from None
-        entry = JournalEntry(edit_id, int(head["layer"]), u, lam, head.get("request", {}), head.get("record", {}))
+        entry = JournalEntry(edit_id, int(head["layer"]), u, lam, head.get("request", {}), head.get("record", {}),
+                             key=key)
         entry.verify(head.get("factors_sha256"), f"journal: {path}")
         return entry
 
@@ -246,9 +258,11 @@ class Journal:
         """Record ``entry``: its factor file durable first, then its line (see the module docstring)."""
         entry.u = entry.u.detach().to("cpu", torch.float32).contiguous()
         entry.lam = entry.lam.detach().to("cpu", torch.float32).contiguous()
+        if entry.key is not None:
+            entry.key = entry.key.detach().to("cpu", torch.float32).contiguous()
         if self.path is not None:
             self._writable()
-            write_safetensors(self._factor_file(entry.edit_id), {"u": entry.u, "lam": entry.lam}, {})
+            write_safetensors(self._factor_file(entry.edit_id), entry.tensors(), {})
             lines = self.path / "edits.jsonl"
             new = not lines.exists()
             with open(lines, "a", encoding="utf-8") as f:
@@ -302,8 +316,8 @@ def save_edits(entries: Iterable[JournalEntry], base_digests: Dict[int, str], pa
     entries = list(entries)
     tensors: Dict[str, Tensor] = {}
     for e in entries:
-        tensors[f"{e.edit_id}.u"] = e.u
-        tensors[f"{e.edit_id}.lam"] = e.lam
+        for name, t in e.tensors().items():
+            tensors[f"{e.edit_id}.{name}"] = t
     meta = {
         "format": EDITS_FORMAT,
         "model_type": model_type,
@@ -321,9 +335,11 @@ def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
             if meta.get("format") != EDITS_FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {EDITS_FORMAT!r}")
             heads = json.loads(meta["edits"])
+            names = set(f.keys())
             entries = [
                 JournalEntry(int(h["edit_id"]), int(h["layer"]), f.get_tensor(f"{h['edit_id']}.u"),
-                             f.get_tensor(f"{h['edit_id']}.lam"), h.get("request", {}), h.get("record", {}))
+                             f.get_tensor(f"{h['edit_id']}.lam"), h.get("request", {}), h.get("record", {}),
+                             key=f.get_tensor(f"{h['edit_id']}.key") if f"{h['edit_id']}.key" in names else None)
                 for h in heads
             ]
             digests = {int(k): str(v) for k, v in json.loads(meta["base_digests"]).items()}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastrome import ops
+from fastrome.memory import EditMemory
 from fastrome.solver import CovarianceSolver
 
 
@@ -27,6 +28,7 @@ class UpdatePlan:
     u: Tensor  # (d_in,)
     lam: Tensor  # (d_out,)
     key: Tensor  # (d_in,) the key of the denominator and numerator
+    solved_key: Tensor  # (d_in,) the key u was solved for (u = C⁻¹·solved_key): what an edit memory keeps
     denom: float  # uᵀkey
     update_norm: float  # ‖Λ uᵀ‖_F = ‖Λ‖·‖u‖
     weight_norm: float  # ‖W‖_F before the update
@@ -47,7 +49,7 @@ class UpdatePlan:
 
 def plan(
     mode: str,
-    solver: CovarianceSolver,
+    solver: "CovarianceSolver | EditMemory",
     weight32: Tensor,
     bias: Optional[Tensor],
     k_mean: Tensor,
@@ -69,13 +71,12 @@ def plan(
         raise ValueError("plan: give exactly one of v_star and change")
     device = weight32.device
     k_mean, k_plain = (t.to(device=device, dtype=torch.float32) for t in (k_mean, k_plain))
-    if mode == "prompt":
-        u, denom_t = solver.solve(k_plain)
-        key = k_plain
-    else:
-        u, denom_t = solver.solve(k_mean)
-        key = k_mean
-    quad = float(denom_t)  # u = C⁻¹k for the solved key k, so uᵀCu = kᵀu
+    key = k_plain if mode == "prompt" else k_mean
+    solved_key = key
+    u, denom_t = solver.solve(key)
+    # u = C⁻¹k for the solved key k, so uᵀCu = kᵀu; with an edit memory (u = A⁻¹k) kᵀu is uᵀAu, the
+    # ordinary-text figure plus β·Σ(kᵢᵀu)² over the remembered keys: an upper bound of it
+    quad = float(denom_t)
     if mode == "original":
         key = k_plain
         denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
@@ -90,8 +91,8 @@ def plan(
     update_norm = float(lam.double().norm() * u.double().norm())
     weight_norm = float(weight32.norm())
     interference = float(lam.double().square().sum()) * quad
-    return UpdatePlan(u=u, lam=lam, key=key, denom=denom, update_norm=update_norm, weight_norm=weight_norm,
-                      interference=interference)
+    return UpdatePlan(u=u, lam=lam, key=key, solved_key=solved_key, denom=denom, update_norm=update_norm,
+                      weight_norm=weight_norm, interference=interference)
 
 
 def write(weight: Tensor, p: UpdatePlan, min_denom: float, master: Optional[Tensor]) -> bool:

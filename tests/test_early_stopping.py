@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration  # a random tiny model cannot be taught a target; the real one can
-
 from fastrome.adapter import ModelAdapter
 from fastrome.config import EditConfig
 from fastrome.requests import parse_requests
 from fastrome.runners import FullRunner, row_batch
 from fastrome.values import _request_rows, optimize_value, optimize_values
+
+pytestmark = pytest.mark.integration  # a random tiny model cannot be taught a target; the real one can
 
 REQS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},

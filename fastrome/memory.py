@@ -1,0 +1,134 @@
+"""Edit memory for lifelong editing: each new edit at a layer is solved against
+
+    A = C + ridge·I + β·Σᵢ k̄ᵢ k̄ᵢᵀ          (sum over the earlier edits at that layer)
+
+instead of ``C`` alone (sequential least squares, as in EMMET, ENCORE and RLSEdit). ``u = A⁻¹k̄`` is
+then nearly A-orthogonal to the earlier keys, so a new write barely moves their outputs, while
+``Λ = (v* − Wk̄)/(uᵀk̄)`` still makes the new edit exact.
+
+``A⁻¹`` is kept by a Sherman–Morrison update after every applied edit,
+``A⁻¹ ← A⁻¹ − β·u uᵀ/(1 + β·uᵀk̄)`` with that edit's ``u = A⁻¹k̄``, and recomputed from the
+statistics' own inverse and all the keys (Woodbury) every ``refactor_every`` keys, so rounding
+cannot build up. The schedule depends only on the keys in order: rebuilding the memory from a
+journal's keys (resume, undo) gives the inverse bit for bit, so a resumed run edits exactly as one
+never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Tuple
+
+import torch
+from torch import Tensor
+
+from fastrome import ops
+from fastrome.solver import CovarianceSolver
+
+
+class EditMemory:
+    """A solver over the statistics plus the keys of the edits applied so far at one layer.
+
+    Args:
+        base: the layer's :class:`CovarianceSolver` (``(C + ridge·I)⁻¹``, fp64), kept unchanged.
+        beta: weight of each remembered key (> 0), on the scale of ``C = E[kkᵀ]``: one key counts
+            like a ``β`` share of all of ordinary text, so ``β·k̄ᵀC⁻¹k̄`` (≈ β·d for a typical key)
+            says how hard an earlier edit is held against everything else.
+        refactor_every: recompute ``A⁻¹`` from ``base`` and all keys after this many keys.
+
+    It has the solver interface the update uses (:meth:`solve`, ``dim``, ``device``, ``identity``,
+    ``ridge``, ``condition``), and :meth:`add` / :meth:`rebuild` for the keys.
+    """
+
+    def __init__(self, base: CovarianceSolver, beta: float, refactor_every: int):
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
+        if not isinstance(refactor_every, int) or isinstance(refactor_every, bool) or refactor_every < 1:
+            raise ValueError(f"refactor_every: expected a positive int, got {refactor_every!r}")
+        self.base, self.beta, self.refactor_every = base, float(beta), refactor_every
+        self.keys: List[Tensor] = []  # (d_in,) fp32 on the CPU, in the order they were added
+        self.inverse = base.inverse.to(torch.float64).clone()
+
+    # -- the solver interface ------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.inverse.device
+
+    @property
+    def identity(self) -> bool:
+        return self.base.identity
+
+    @property
+    def ridge(self) -> float:
+        return self.base.ridge
+
+    @property
+    def condition(self) -> float:
+        return self.base.condition
+
+    def solve(self, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(u, uᵀk)`` with ``u = A⁻¹k`` for one key (d,) or a batch (b, d)."""
+        if not isinstance(k, Tensor) or k.shape[-1:] != (self.dim,) or k.dim() not in (1, 2):
+            shape = tuple(k.shape) if isinstance(k, Tensor) else type(k).__name__
+            raise ValueError(f"k: expected shape ({self.dim},) or (b, {self.dim}), got {shape}")
+        return ops.solve_keys(self.inverse, k.to(self.device))
+
+    # -- the keys -------------------------------------------------------------------------------
+    def add(self, key: Tensor) -> None:
+        """Remember an applied edit's key (d_in,): ``A ← A + β·kkᵀ``."""
+        key = _as_key(key, self.dim)
+        self.keys.append(key)
+        if len(self.keys) % self.refactor_every == 0:
+            self.inverse = self._woodbury(self.keys)
+        else:
+            self._sherman_morrison(key)
+
+    def rebuild(self, keys: Iterable[Tensor]) -> None:
+        """Forget every key, then remember ``keys`` in order: the inverse an uninterrupted sequence
+        of :meth:`add` calls would hold, bit for bit (undo and resume use this)."""
+        keys = [_as_key(k, self.dim) for k in keys]
+        boundary = (len(keys) // self.refactor_every) * self.refactor_every
+        self.keys = keys[:boundary]
+        self.inverse = self._woodbury(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
+        for key in keys[boundary:]:
+            self.keys.append(key)
+            self._sherman_morrison(key)
+
+    def _sherman_morrison(self, key: Tensor) -> None:
+        u, denom = ops.solve_keys(self.inverse, key.to(self.device, torch.float64))
+        scale = 1.0 + self.beta * float(denom)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"edit memory: 1 + β·uᵀk = {scale!r} for a new key; A would not stay positive "
+                             "definite (the key or the statistics are damaged)")
+        # the outer product is exactly symmetric (u_i·u_j = u_j·u_i); addr_ may round the two
+        # triangles differently, and the solve kernels read rows as columns
+        self.inverse.add_(torch.outer(u, u), alpha=-self.beta / scale)
+
+    def _woodbury(self, keys: List[Tensor]) -> Tensor:
+        """``(C + ridge·I + β·KᵀK)⁻¹`` from the statistics' own inverse B and the keys K (n, d):
+        ``B − BKᵀ(I/β + KBKᵀ)⁻¹KB``, an n×n solve instead of a d×d factorisation."""
+        B = self.base.inverse.to(self.device, torch.float64)
+        K = torch.stack(keys).to(self.device, torch.float64)
+        BK = B @ K.t()  # (d, n)
+        S = K @ BK
+        S.diagonal().add_(1.0 / self.beta)
+        factor = torch.linalg.cholesky(0.5 * (S + S.t()))
+        out = B - BK @ torch.cholesky_solve(BK.t(), factor)
+        return 0.5 * (out + out.t())
+
+    def __repr__(self) -> str:
+        return f"EditMemory(d={self.dim}, β={self.beta:g}, keys={len(self.keys)}, refactor every {self.refactor_every})"
+
+
+def _as_key(key: Tensor, dim: int) -> Tensor:
+    if not isinstance(key, Tensor) or key.shape != (dim,):
+        shape = tuple(key.shape) if isinstance(key, Tensor) else type(key).__name__
+        raise ValueError(f"key: expected shape ({dim},), got {shape}")
+    key = key.detach().to("cpu", torch.float32).contiguous()
+    if not bool(torch.isfinite(key).all()):
+        raise ValueError("key: not finite; an edit with a non-finite key cannot be remembered")
+    return key

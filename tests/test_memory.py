@@ -1,0 +1,175 @@
+"""The edit memory: A⁻¹ for A = C + ridge·I + β·Σ k̄ᵢk̄ᵢᵀ kept by Sherman–Morrison and Woodbury
+refactorisation, against an fp64 inverse; rebuilt bit for bit from the keys (undo, resume); and in
+the editor, earlier edits held while new ones are written."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fastrome import Editor
+from fastrome.adapter import ModelAdapter
+from fastrome.memory import EditMemory
+from fastrome.solver import CovarianceSolver
+
+REQS = [
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "case_id": 1},
+    {"prompt": "{} was painted by", "subject": "The Mona Lisa", "target_new": "Pablo Picasso", "case_id": 2},
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "chess", "case_id": 3},
+]
+FAST = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False)
+
+
+def spd(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / a.shape[1] + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d, every", [(1, 3), (37, 4), (97, 1000), (64, 1)])
+def test_the_inverse_is_that_of_the_statistics_plus_the_keys(d, every):
+    C = spd(d, d)
+    base = CovarianceSolver(C, ridge=1e-3)
+    untouched = base.inverse.clone()
+    keys = torch.randn(11, d, generator=torch.Generator().manual_seed(1), dtype=torch.float32) * 2
+    mem = EditMemory(base, beta=0.3, refactor_every=every)
+    for k in keys:
+        mem.add(k)
+    A = C + 1e-3 * torch.eye(d, dtype=torch.float64) + 0.3 * keys.double().T @ keys.double()
+    want = torch.linalg.inv(A)
+    assert float((mem.inverse - want).abs().max() / want.abs().max()) < 1e-9
+    assert torch.equal(mem.inverse, mem.inverse.T)
+    assert torch.equal(base.inverse, untouched)  # the statistics' own inverse stays as it was
+    u, denom = mem.solve(keys[0].double())
+    torch.testing.assert_close(u, want @ keys[0].double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(denom, keys[0].double() @ want @ keys[0].double(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("every", [1, 3, 5, 100])
+def test_rebuilding_from_the_keys_gives_the_inverse_bit_for_bit(every):
+    d = 41
+    base = CovarianceSolver(spd(d, 3))
+    keys = list(torch.randn(9, d, generator=torch.Generator().manual_seed(2)))
+    added = EditMemory(base, beta=0.05, refactor_every=every)
+    for k in keys:
+        added.add(k)
+    rebuilt = EditMemory(base, beta=0.05, refactor_every=every)
+    rebuilt.rebuild(keys)
+    assert torch.equal(rebuilt.inverse, added.inverse)
+    # removing the last key (an undo) equals never having added it
+    fewer = EditMemory(base, beta=0.05, refactor_every=every)
+    for k in keys[:-1]:
+        fewer.add(k)
+    added.rebuild(keys[:-1])
+    assert torch.equal(added.inverse, fewer.inverse)
+
+
+def test_bad_settings_and_keys_are_refused():
+    base = CovarianceSolver(spd(5, 0))
+    for beta in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="beta"):
+            EditMemory(base, beta=beta, refactor_every=4)
+    with pytest.raises(ValueError, match="refactor_every"):
+        EditMemory(base, beta=1.0, refactor_every=0)
+    mem = EditMemory(base, beta=1.0, refactor_every=4)
+    with pytest.raises(ValueError, match="key: not finite"):
+        mem.add(torch.tensor([1.0, float("nan"), 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"key: expected shape \(5,\)"):
+        mem.add(torch.ones(4))
+    assert mem.keys == []
+
+
+# -- in the editor -------------------------------------------------------------------------------
+def second_moments(model, seed=0):
+    adapter = ModelAdapter(model)
+    return {layer: spd(adapter.d_in, seed + layer).float() for layer in range(adapter.n_layers)}
+
+
+def editor(model, tok, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Editor(model, tok, stats=second_moments(model), **{"layer": 1, **FAST, **kw})
+
+
+def weights(model):
+    adapter = ModelAdapter(model)
+    return [adapter.weight(layer).detach().clone() for layer in range(adapter.n_layers)]
+
+
+def test_an_earlier_edit_is_held_while_later_ones_are_written(make_tiny):
+    moved = {}
+    for beta in (0.0, 50.0, 1e4):
+        model, tok = make_tiny("llama-bytelevel", layers=3)
+        ed = editor(model, tok, memory_beta=beta)
+        ed.edit(REQS[0])
+        first = ed.journal.entries[0]
+        w = ModelAdapter(model).weight(1)
+        before = (w.detach().double() @ first.key.double()).clone()
+        ed.edit(REQS[1:])
+        moved[beta] = float((w.detach().double() @ first.key.double() - before).norm() / before.norm())
+        # every edit is still exact at its own key
+        last = ed.journal.entries[-1]
+        assert last.key is not None and torch.equal(last.key, ed.last.k_mean.float().cpu())
+    # the harder the memory holds (β), the less the first edit's output moves
+    assert moved[1e4] < 0.05 * moved[0.0] and moved[50.0] < moved[0.0], moved
+
+
+def test_undo_takes_the_key_out_of_the_memory(make_tiny):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, memory_beta=2.0, memory_refactor_every=2)
+    ed.edit(REQS)
+    mem = ed.solver(1)
+    assert isinstance(mem, EditMemory) and len(mem.keys) == 3
+    keys = [e.key for e in ed.journal]
+    ed.undo(ed.journal.entries[1].edit_id)
+    fresh = EditMemory(mem.base, 2.0, 2)
+    for k in (keys[0], keys[2]):
+        fresh.add(k)
+    assert torch.equal(mem.inverse, fresh.inverse) and len(mem.keys) == 2
+    assert "edit memory β 2" in ed.stats_source(1)
+
+
+@pytest.mark.parametrize("spread", [1, 2])
+def test_a_resumed_run_with_memory_edits_as_one_never_stopped(make_tiny, tmp_path, spread):
+    whole, tok = make_tiny("llama-bytelevel", layers=3)
+    kw = dict(memory_beta=3.0, memory_refactor_every=2, layer=2, spread=spread)
+    uninterrupted = editor(whole, tok, **kw)
+    uninterrupted.edit(REQS)
+    model, _ = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, journal=tmp_path / "j", **kw)
+    ed.edit(REQS[:2])
+    ed.close()
+    lines = [json.loads(x) for x in (tmp_path / "j" / "edits.jsonl").read_text().splitlines()]
+    assert all(line["factors_sha256"] for line in lines)
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    resumed = editor(fresh, tok, journal=tmp_path / "j", **kw)
+    resumed.edit(REQS[2:])
+    assert all(torch.equal(x, y) for x, y in zip(weights(fresh), weights(whole)))
+    for layer in range(3 - spread, 3):
+        assert torch.equal(resumed.solver(layer).inverse, uninterrupted.solver(layer).inverse)
+
+
+def test_memory_needs_the_keys_of_the_journal(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, journal=tmp_path / "j")
+    ed.edit(REQS[:1])
+    ed.close()
+    # a journal written before keys were kept: drop the key from the factor file and the digest
+    from safetensors.torch import load_file, save_file
+
+    from fastrome.journal import factor_digest
+
+    path = tmp_path / "j" / "factors" / "000000.safetensors"
+    t = load_file(path)
+    save_file({"u": t["u"], "lam": t["lam"]}, str(path))
+    line = json.loads((tmp_path / "j" / "edits.jsonl").read_text())
+    line["factors_sha256"] = factor_digest(t["u"], t["lam"])
+    (tmp_path / "j" / "edits.jsonl").write_text(json.dumps(line) + "\n")
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    resumed = editor(fresh, tok, journal=tmp_path / "j", memory_beta=1.0)
+    with pytest.raises(ValueError, match="config.memory_beta: edit 0 in the journal has no key"):
+        resumed.edit(REQS[1:2])
+    assert all(torch.equal(x, y) for x, y in zip(weights(fresh), weights(model)))
