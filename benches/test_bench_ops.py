@@ -1,4 +1,4 @@
-"""The three ops on every available backend, against torch's best equivalents and the device's
+"""The ops on every available backend, against torch's best equivalents and the device's
 measured ceilings (a large GEMM, a large copy), all in the same run."""
 
 from __future__ import annotations
@@ -112,3 +112,33 @@ def test_rank_one_update(timed, impl, wdtype, d_out, d_in):
                 ops.rank_one_update(w, u, lam, denom=denom, min_denom=floor, master=master)
     timed(fn, op="rank_one_update", impl=impl, shape=[d_out, d_in], dtype=wdtype, bytes=nbytes,
           master=master is not None)
+
+
+# -- Sherman–Morrison step on the edit memory's inverse ------------------------------------------
+SYM_DIMS = [1536, 11008]  # SmolLM2-135M's and Llama-7B's d_ff (the edited matrix's input size)
+
+
+@pytest.mark.parametrize("d", SYM_DIMS)
+@pytest.mark.parametrize(
+    "impl,dtype",
+    [(b, dt) for b in backends("symmetric_rank_one_update") for dt in ("float32", "float64")]
+    + [("torch addr_", "float32"), ("torch addr_", "float64")],
+)
+def test_symmetric_rank_one_update(timed, impl, dtype, d):
+    """One guarded step ``M -= coef·u uᵀ`` on a d×d inverse; ``torch addr_`` (one fused pass, not
+    symmetric bit for bit, no guard) is the one-call baseline."""
+    g = gen()
+    m_dtype = getattr(torch, dtype)
+    m = torch.randn(d, d, device=DEVICE, dtype=m_dtype, generator=g)
+    m = m + m.t()
+    u = torch.randn(d, device=DEVICE, generator=g) * 1e-3
+    beta, denom = torch.tensor(0.5, device=DEVICE), torch.tensor(1.0, device=DEVICE)
+    if impl == "torch addr_":
+        uc = u.to(m_dtype)
+        fn = lambda: m.addr_(uc, uc, alpha=-0.5 / 1.5)  # noqa: E731
+    else:
+        def fn():
+            with ops.use_backend(impl):
+                ops.symmetric_rank_one_update(m, u, beta, denom)
+    # bytes: one read and one write of the matrix
+    timed(fn, op="symmetric_rank_one_update", impl=impl, shape=[d, d], dtype=dtype, bytes=2 * d * d * m.element_size())

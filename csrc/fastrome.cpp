@@ -13,6 +13,10 @@ TORCH_LIBRARY(fastrome_C, m) {
   m.def(
       "rank_one_update(Tensor(a!) weight, Tensor u, Tensor lam, Tensor denom, Tensor min_denom, "
       "Tensor(b!)? master) -> Tensor");
+  // Guarded Sherman–Morrison step inverse -= coef·u uᵀ, coef = beta / (1 + beta·denom) in fp64,
+  // refused unless 1 + beta·denom > min_denom and u, beta·denom, coef are finite; returns the
+  // applied flag. A symmetric inverse stays exactly symmetric.
+  m.def("symmetric_rank_one_update(Tensor(a!) inverse, Tensor u, Tensor beta, Tensor denom, Tensor min_denom) -> Tensor");
 }
 
 namespace {

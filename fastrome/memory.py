@@ -81,11 +81,11 @@ class EditMemory:
     def add(self, key: Tensor) -> None:
         """Remember an applied edit's key (d_in,): ``A ← A + β·kkᵀ``."""
         key = _as_key(key, self.dim)
-        self.keys.append(key)
-        if len(self.keys) % self.refactor_every == 0:
-            self.inverse = self._woodbury(self.keys)
+        if (len(self.keys) + 1) % self.refactor_every == 0:
+            self.inverse = self._woodbury(self.keys + [key])
         else:
-            self._sherman_morrison(key)
+            self._sherman_morrison(key)  # raises, changing nothing, if the update is refused
+        self.keys.append(key)
 
     def rebuild(self, keys: Iterable[Tensor]) -> None:
         """Forget every key, then remember ``keys`` in order: the inverse an uninterrupted sequence
@@ -95,18 +95,14 @@ class EditMemory:
         self.keys = keys[:boundary]
         self.inverse = self._woodbury(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
         for key in keys[boundary:]:
-            self.keys.append(key)
             self._sherman_morrison(key)
+            self.keys.append(key)
 
     def _sherman_morrison(self, key: Tensor) -> None:
         u, denom = ops.solve_keys(self.inverse, key.to(self.device, torch.float64))
-        scale = 1.0 + self.beta * float(denom)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"edit memory: 1 + β·uᵀk = {scale!r} for a new key; A would not stay positive "
-                             "definite (the key or the statistics are damaged)")
-        # the outer product is exactly symmetric (u_i·u_j = u_j·u_i); addr_ may round the two
-        # triangles differently, and the solve kernels read rows as columns
-        self.inverse.add_(torch.outer(u, u), alpha=-self.beta / scale)
+        if not bool(ops.symmetric_rank_one_update(self.inverse, u, self.beta, denom)):
+            raise ValueError(f"edit memory: 1 + β·uᵀk = {1.0 + self.beta * float(denom)!r} for a new key; A would "
+                             "not stay positive definite (the key or the statistics are damaged)")
 
     def _woodbury(self, keys: List[Tensor]) -> Tensor:
         """``(C + ridge·I + β·KᵀK)⁻¹`` from the statistics' own inverse B and the keys K (n, d):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastrome import _extension, reference
 
-OPS = ("second_moment_accumulate", "solve_keys", "rank_one_update")
+OPS = ("second_moment_accumulate", "solve_keys", "rank_one_update", "symmetric_rank_one_update")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACC_DTYPES = (torch.float32, torch.float64)
 ENV_BACKEND = "FASTROME_BACKEND"
@@ -58,7 +58,13 @@ def _reference_impls() -> Dict[str, Callable]:
         "second_moment_accumulate": reference.second_moment_accumulate,
         "solve_keys": reference.solve_keys,
         "rank_one_update": _reference_rank_one_update,
+        "symmetric_rank_one_update": _reference_symmetric_rank_one_update,
     }
+
+
+def _reference_symmetric_rank_one_update(inverse, u, beta, denom, min_denom):
+    # Looked up at call time, so that tests can observe the calls.
+    return reference.symmetric_rank_one_update(inverse, u, beta, denom, min_denom)
 
 
 def _reference_rank_one_update(weight, u, lam, denom, min_denom, master):
@@ -72,6 +78,7 @@ def _compiled_impls() -> Dict[str, Callable]:
         "second_moment_accumulate": lib.second_moment_accumulate,
         "solve_keys": lib.solve_keys,
         "rank_one_update": lib.rank_one_update,
+        "symmetric_rank_one_update": lib.symmetric_rank_one_update,
     }
 
 
@@ -150,12 +157,14 @@ BACKENDS: Dict[str, Backend] = {
 # is 4.1x the reference (it skips the lower triangle); for the memory-bound solve and write, the
 # reference's ATen/MKL kernels (AVX-dispatched at run time) beat the generically compiled C++ loops
 # (C++ at 0.53x and 0.56x), so the reference serves them and the C++ kernels stay one
-# FASTROME_BACKEND=cpp away.
+# FASTROME_BACKEND=cpp away. The Sherman–Morrison step is the other way round: the reference forms
+# u uᵀ as a d×d temporary and makes three passes, the C++ kernel one (8x at d = 11008, fp32 and fp64).
 PREFERENCE: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {
         "second_moment_accumulate": ("cpp", "reference"),
         "solve_keys": ("reference", "cpp"),
         "rank_one_update": ("reference", "cpp"),
+        "symmetric_rank_one_update": ("cpp", "reference"),
     },
     "cuda": {op: ("cuda", "triton", "reference") for op in OPS},
 }
@@ -281,6 +290,18 @@ def _rank_one_update_op(
 @_rank_one_update_op.register_fake
 def _(weight, u, lam, denom, min_denom, master):
     return weight.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("fastrome::symmetric_rank_one_update", mutates_args=("inverse",))
+def _symmetric_rank_one_update_op(
+    inverse: Tensor, u: Tensor, beta: Tensor, denom: Tensor, min_denom: Tensor
+) -> Tensor:
+    return _impl("symmetric_rank_one_update", inverse.device)(inverse, u, beta, denom, min_denom)
+
+
+@_symmetric_rank_one_update_op.register_fake
+def _(inverse, u, beta, denom, min_denom):
+    return inverse.new_empty((), dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,3 +454,87 @@ def rank_one_update(
     min_denom_t = _as_scalar_tensor("min_denom", min_denom, weight.device)
     with torch.no_grad():
         return torch.ops.fastrome.rank_one_update(weight, u, lam, denom_t, min_denom_t, master)
+
+
+def _require_writable_square(name: str, m: Tensor) -> None:
+    """A (d, d) fp32/fp64 matrix whose elements each own their memory (no expanded view)."""
+    if m.dim() != 2 or m.shape[0] != m.shape[1] or m.dtype not in ACC_DTYPES:
+        raise ValueError(f"{name}: expected a square (d, d) float32/float64 matrix, got {_describe(m)}")
+    if any(size > 1 and stride == 0 for size, stride in zip(m.shape, m.stride())):
+        # Every kernel writes each element once from one thread: shared elements would race.
+        raise ValueError(
+            f"{name}: elements overlap in memory (strides {tuple(m.stride())}); pass a tensor that owns "
+            "its elements"
+        )
+
+
+def _byte_span(t: Tensor) -> Tuple[int, int]:
+    """The half-open range of addresses ``t``'s elements lie in (non-negative strides)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + extent * t.element_size()
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether the address ranges of ``a`` and ``b`` intersect (meta tensors have no memory)."""
+    if a.device.type == "meta" or b.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def symmetric_rank_one_update(
+    inverse: Tensor,
+    u: Tensor,
+    beta: Union[float, Tensor],
+    denom: Union[float, Tensor],
+    *,
+    min_denom: Union[float, Tensor] = 1e-12,
+) -> Tensor:
+    """Guarded in-place Sherman–Morrison step on a symmetric inverse: ``inverse -= coef · u uᵀ``.
+
+    Keeps ``inverse = A⁻¹`` of the edit memory ``A = C + β Σ k kᵀ`` current: adding a key k gives
+    ``(A + β k kᵀ)⁻¹ = A⁻¹ − β u uᵀ / (1 + β uᵀk)`` with ``u = A⁻¹k``, so
+    ``coef = β / (1 + β·denom)``. Removing a key is the same call with ``-β`` and the ``u``,
+    ``denom`` of the current A (which contains k).
+
+    ``coef`` is computed in fp64 inside the op (on the device, no host synchronisation on GPUs).
+    The update is refused, and nothing is written (bit for bit), when ``u`` (in inverse's dtype),
+    ``β·denom`` or ``coef`` (in inverse's dtype) is not finite, or when ``1 + β·denom <= min_denom``:
+    a vanishing or negative denominator means the result would not be the inverse of a positive
+    definite matrix. β = 0 is applied and writes nothing.
+
+    The arithmetic is in inverse's dtype (fp32 or fp64). Each element becomes
+    ``m_ij - coef·(u_i·u_j)`` with the product of the two u's formed first; IEEE multiplication
+    commutes, so an exactly symmetric ``inverse`` stays exactly symmetric.
+
+    Args:
+        inverse: (d, d) float32/float64, exactly symmetric, updated in place; any strides.
+        u: (d,) any float dtype, any stride (``A⁻¹k`` from :func:`solve_keys`); it must not share
+            memory with ``inverse``.
+        beta: the memory weight β (float or 0-dim tensor); negative to remove a key.
+        denom: ``uᵀk`` (float or 0-dim tensor).
+        min_denom: the smallest ``1 + β·denom`` accepted (exclusive).
+
+    Returns:
+        0-dim bool tensor on ``inverse.device``: whether the update was applied.
+    """
+    _require_tensor("inverse", inverse)
+    _require_tensor("u", u)
+    _require_writable_square("inverse", inverse)
+    d = inverse.shape[0]
+    if u.dim() != 1 or u.shape[0] != d or u.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"u: expected a ({d},) floating-point vector to match inverse, got {_describe(u)}")
+    _require_same_device(["inverse", "u"], [inverse, u])
+    if _shares_memory(inverse, u):
+        raise ValueError(
+            "u: shares memory with inverse (a view of the matrix being updated would be read while it "
+            "is written); pass a copy"
+        )
+    beta_t = _as_scalar_tensor("beta", beta, inverse.device)
+    denom_t = _as_scalar_tensor("denom", denom, inverse.device)
+    min_denom_t = _as_scalar_tensor("min_denom", min_denom, inverse.device)
+    with torch.no_grad():
+        return torch.ops.fastrome.symmetric_rank_one_update(inverse, u, beta_t, denom_t, min_denom_t)

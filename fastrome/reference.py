@@ -87,3 +87,49 @@ def rank_one_update(
     else:
         weight.copy_(torch.addr(weight.to(cd), lam, u))
     return ok
+
+
+def sherman_morrison_coefficient(
+    u: Tensor, beta: Tensor, denom: Tensor, min_denom: Union[float, Tensor], dtype: torch.dtype
+) -> Tuple[Tensor, Tensor]:
+    """The guard and the coefficient of :func:`symmetric_rank_one_update`.
+
+    ``s = 1 + β·denom`` and ``coef = β / s`` are formed in fp64 (each step rounded once, in this
+    order: every backend computes them alike). The update is allowed when ``β·denom`` is finite,
+    ``s > min_denom`` (a NaN anywhere compares false), ``coef`` rounded to ``dtype`` is finite and
+    every element of ``u`` (already in ``dtype``) is finite. Returns ``(applied, coef)``: a 0-dim
+    bool and the 0-dim coefficient in ``dtype``, both on u's device.
+    """
+    b = beta.to(device=u.device, dtype=torch.float64).reshape(())
+    dn = denom.to(device=u.device, dtype=torch.float64).reshape(())
+    floor = torch.as_tensor(min_denom, dtype=torch.float64, device=u.device).reshape(())
+    bd = b * dn
+    s = 1.0 + bd
+    coef = (b / s).to(dtype)
+    ok = torch.isfinite(bd) & (s > floor) & torch.isfinite(coef) & torch.isfinite(u).all()
+    return ok, coef
+
+
+def symmetric_rank_one_update(
+    inverse: Tensor, u: Tensor, beta: Tensor, denom: Tensor, min_denom: Union[float, Tensor]
+) -> Tensor:
+    """Guarded in-place Sherman–Morrison step ``inverse -= coef · u uᵀ``, ``coef = β / (1 + β·denom)``.
+
+    inverse: (d, d) fp32/fp64, exactly symmetric, any strides; the arithmetic is in its dtype.
+    u: (d,) any float dtype (``A⁻¹k``), rounded once to inverse's dtype. beta, denom (``uᵀk``):
+    0-dim float tensors. See :func:`sherman_morrison_coefficient` for the guard. Returns the applied
+    flag (0-dim bool on inverse's device); when it is false nothing has been written. β = 0 is
+    applied and writes nothing.
+
+    Each element is ``m - coef·(u_i·u_j)``: the product ``u_i·u_j`` comes first and IEEE
+    multiplication commutes, so (i, j) and (j, i) get the same bits and a symmetric matrix stays
+    exactly symmetric. (``torch.addr`` forms ``(α·u_i)·u_j``, which does not commute.)
+    """
+    cd = inverse.dtype
+    u = u.to(cd)
+    ok, coef = sherman_morrison_coefficient(u, beta, denom, min_denom, cd)
+    ok = ok.to(inverse.device)
+    if not bool(ok) or not bool(coef != 0):
+        return ok
+    inverse.sub_(torch.outer(u, u).mul_(coef.to(inverse.device)))
+    return ok

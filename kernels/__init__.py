@@ -15,16 +15,19 @@ def load() -> Dict[str, Callable]:
 
     Signatures match the registered ops: ``second_moment_accumulate(acc, x, mask)``,
     ``solve_keys(inverse, k) -> (u, denom)``,
-    ``rank_one_update(weight, u, lam, denom, min_denom, master) -> applied``.
+    ``rank_one_update(weight, u, lam, denom, min_denom, master) -> applied``,
+    ``symmetric_rank_one_update(inverse, u, beta, denom, min_denom) -> applied``.
     """
     from fastrome.kernels.rank_one_update import rank_one_update
     from fastrome.kernels.second_moment import second_moment_accumulate
     from fastrome.kernels.solve_keys import solve_keys
+    from fastrome.kernels.symmetric_rank_one_update import symmetric_rank_one_update
 
     return {
         "second_moment_accumulate": second_moment_accumulate,
         "solve_keys": solve_keys,
         "rank_one_update": rank_one_update,
+        "symmetric_rank_one_update": symmetric_rank_one_update,
     }
 
 

@@ -108,3 +108,87 @@ def as_scalar(value: float, form: str, device: Union[str, torch.device] = "cpu")
     """``value`` as a Python float (``form="float"``) or a 0-dim tensor of the form's dtype."""
     dtype = SCALAR_FORMS[form]
     return value if dtype is None else torch.tensor(value, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# symmetric_rank_one_update
+# ----------------------------------------------------------------------------------------------
+
+
+def sherman_morrison_coef(beta: float, denom: float) -> float:
+    """``β / (1 + β·denom)`` in fp64, rounded in the op's order."""
+    return beta / (1.0 + beta * denom)
+
+
+def symmetric_update_bounds(m0: torch.Tensor, u: torch.Tensor, beta: float, denom: float):
+    """fp64 ``m0 - coef·u uᵀ`` on u rounded to m0's dtype (the op's first step), and the bound of
+    rounding coef, the two products and the subtraction in m0's dtype: ``eps·(|m0| + 2|coef||u||u|ᵀ)``
+    with eps the dtype's machine epsilon (two units of the 0.5-ulp rounding), so an FMA passes too."""
+    u64 = u.to(m0.dtype).double()
+    coef = sherman_morrison_coef(beta, denom)
+    exact = m0.double() - coef * torch.outer(u64, u64)
+    bound = (m0.double().abs() + 2.0 * abs(coef) * torch.outer(u64.abs(), u64.abs())) * torch.finfo(m0.dtype).eps
+    return exact, bound
+
+
+def check_symmetric_update(m: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """``m`` is within ``bound`` of ``exact`` everywhere and exactly symmetric."""
+    assert torch.isfinite(m).all()
+    err = m.to(torch.float64, copy=True).sub_(exact).abs_()
+    ok = err <= bound
+    assert ok.all(), f"{int((~ok).sum())}/{ok.numel()} elements off, max err {err.max().item():.3e}"
+    assert same_bits(m, m.t()), "the updated inverse is not exactly symmetric"
+
+
+def random_symmetric_matrix(d: int, dtype: torch.dtype, g: torch.Generator, device="cpu") -> torch.Tensor:
+    """An exactly symmetric (d, d) matrix (a + aᵀ: addition commutes) with -0.0 planted in mirrored
+    pairs, so a refused or empty update that rewrites elements shows."""
+    a = torch.randn(d, d, generator=g, dtype=torch.float64).to(dtype)
+    s = a + a.t()
+    for i, j in [(0, d - 1), (d // 2, d // 3), (d - 1, d - 1)]:
+        s[i, j] = -0.0
+        s[j, i] = -0.0
+    return s.to(device)
+
+
+# name: (beta, denom, min_denom, poison) with poison = (value, index) planted in u, or None.
+# s = 1 + β·denom is what the floor applies to.
+SYM_GUARD_CASES = {
+    "s_eq_floor": (1.0, -(1.0 - 2.0**-10), 2.0**-10, None),
+    "s_below_floor": (1.0, -(1.0 - 2.0**-11), 2.0**-10, None),
+    "s_zero": (1.0, -1.0, 1e-12, None),
+    "s_zero_negative_floor": (1.0, -1.0, -1.0, None),  # s > floor, but coef = 1/0 is infinite
+    "s_negative": (1.0, -2.0, 1e-12, None),
+    "removal_s_zero": (-1.0, 1.0, 1e-12, None),
+    "removal_s_negative": (-0.5, 3.0, 1e-12, None),
+    "beta_nan": (math.nan, 1.0, 1e-12, None),
+    "beta_inf": (math.inf, 1.0, 1e-12, None),
+    "beta_neg_inf": (-math.inf, 1.0, 1e-12, None),
+    "beta_inf_denom_zero": (math.inf, 0.0, 1e-12, None),
+    "denom_nan": (1.0, math.nan, 1e-12, None),
+    "denom_inf": (1.0, math.inf, 1e-12, None),
+    "beta_denom_product_overflows": (1e200, 1e200, 1e-12, None),
+    "min_denom_nan": (1.0, 1.0, math.nan, None),
+    "u_nan": (1.0, 1.0, 1e-12, (math.nan, None)),
+    "u_pos_inf": (1.0, 1.0, 1e-12, (math.inf, None)),
+    "u_neg_inf": (1.0, 1.0, 1e-12, (-math.inf, None)),
+    "u_first_nan": (1.0, 1.0, 1e-12, (math.nan, 0)),
+    "u_last_inf": (1.0, 1.0, 1e-12, (math.inf, -1)),  # the guard's loop reaches the last element
+}
+
+# name: (beta, denom, min_denom): accepted, with the coefficient they give.
+SYM_ACCEPT_CASES = {
+    "addition": (0.75, 2.5, 1e-12),
+    "removal": (-0.5, 1.5, 1e-12),  # s = 0.25
+    "just_above_floor": (1.0, -(1.0 - 2.0**-10 - 2.0**-20), 2.0**-10),  # s = 2⁻¹⁰ + 2⁻²⁰, exact in fp32
+    "negative_denom_small_beta": (0.5, -1.0, 1e-12),  # s = 0.5
+    "floor_neg_inf": (1.0, -3.0, -math.inf),  # s = -2 accepted when the caller allows anything
+}
+
+
+def plant_in_u(u: torch.Tensor, poison) -> None:
+    """Put a guard case's non-finite value into u (in the middle unless indexed)."""
+    if poison is None:
+        return
+    value, at = poison
+    u[len(u) // 2 if at is None else at] = value

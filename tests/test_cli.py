@@ -76,7 +76,8 @@ def test_info_json(capsys):
     assert code == 0 and data["fastrome"] and data["torch"]
     ops = {(r["op"], r["device"]): r["backend"] for r in data["backends"]}
     assert ops[("rank_one_update", "cpu")] in ("cpp", "reference")
-    assert set(op for op, _ in ops) == {"second_moment_accumulate", "solve_keys", "rank_one_update"}
+    assert set(op for op, _ in ops) == {"second_moment_accumulate", "solve_keys", "rank_one_update",
+                                        "symmetric_rank_one_update"}
 
 
 def test_info_table(capsys):

@@ -22,13 +22,19 @@ from kernel_checks import (
     F32_EPS,
     F64_EPS,
     GUARD_CASES,
+    SYM_ACCEPT_CASES,
+    SYM_GUARD_CASES,
     W_DTYPES,
     apply_poison,
     check_master_update,
     check_rounded_update,
+    check_symmetric_update,
+    plant_in_u,
     poison_negative_zeros,
+    random_symmetric_matrix,
     rank_one_bounds,
     same_bits,
+    symmetric_update_bounds,
 )
 
 from fastrome import _extension, ops
@@ -728,6 +734,198 @@ def test_rank_one_update_keeps_denormals(w_dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# symmetric_rank_one_update
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_beta_denom(g):
+    """β in [0.1, 2) and uᵀk in [0.1, 5): an addition with a well-separated denominator."""
+    beta, denom = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+    return 0.1 + 1.9 * beta, 0.1 + 4.9 * denom
+
+
+def sym_matrix(d, dtype, g):
+    return random_symmetric_matrix(d, dtype, g, device=DEV)
+
+
+def check_sym_update(m, m0, u, beta, denom):
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+
+
+SYM_U_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+# d % 4 == 0 takes the vector path for fp32 and fp64 (d % 2 == 0); odd sizes the element path.
+@pytest.mark.parametrize("u_dtype", SYM_U_DTYPES, ids=str)
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 2, 7, 8, 97, 576, 1536, 2053])
+def test_symmetric_rank_one_update(g, d, m_dtype, u_dtype):
+    m = sym_matrix(d, m_dtype, g)
+    u = randn(d, g=g, dtype=u_dtype)
+    beta, denom = draw_beta_denom(g)
+    m0, u0 = m.clone(), u.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    check_sym_update(m, m0, u, beta, denom)
+    assert same_bits(u, u0)
+
+
+@pytest.mark.parametrize("u_kind", ["contiguous", "strided", "misaligned"])
+@pytest.mark.parametrize("m_kind", ["contiguous", "transposed", "sliced", "misaligned"])
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [37, 64])
+def test_symmetric_rank_one_update_layouts(g, d, m_dtype, m_kind, u_kind):
+    """Every layout of the matrix and of u, on both write paths; nothing outside a view is written."""
+    sym = sym_matrix(d, m_dtype, g)
+    if m_kind == "sliced":
+        base = randn(d + 3, 2 * d + 1, g=g, dtype=m_dtype)
+        m = base[1 : 1 + d, 1::2]
+        m.copy_(sym)
+        inside = torch.zeros(base.shape, dtype=torch.bool, device=DEV)
+        inside[1 : 1 + d, 1::2] = True
+    else:
+        base = {"contiguous": sym, "transposed": sym.t().contiguous(), "misaligned": misaligned(sym)}[m_kind]
+        m = base.t() if m_kind == "transposed" else base
+        inside = torch.ones(base.shape, dtype=torch.bool, device=DEV)
+    u = randn(d, g=g, dtype=m_dtype)
+    if u_kind == "strided":
+        u = randn(3 * d, g=g, dtype=torch.bfloat16)[1::3]
+    elif u_kind == "misaligned":
+        u = misaligned(u)
+    base0, m0, u0 = base.clone(), m.clone(), u.clone()
+    beta, denom = draw_beta_denom(g)
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    check_sym_update(m, m0, u, beta, denom)
+    assert same_bits(base[~inside], base0[~inside]), "wrote outside the view"
+    assert same_bits(u, u0)
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+def test_symmetric_rank_one_update_large(g, m_dtype):
+    """11008 × 11008 (Llama-7B's d_ff), checked in row blocks to keep fp64 temporaries small."""
+    d = 11008
+    m = torch.empty(d, d, dtype=m_dtype, device=DEV).uniform_(-0.5, 0.5)
+    m = m + m.t()  # exactly symmetric
+    u = randn(d, g=g, scale=0.1)
+    beta, denom = draw_beta_denom(g)
+    m0 = m.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    coef = kernel_checks.sherman_morrison_coef(beta, denom)
+    u64 = u.to(m_dtype).double()
+    eps = torch.finfo(m_dtype).eps
+    for r in range(0, d, 1024):
+        rows = slice(r, r + 1024)
+        outer = torch.outer(u64[rows], u64)
+        exact = m0[rows].double() - coef * outer
+        bound = (m0[rows].double().abs() + 2.0 * abs(coef) * outer.abs()) * eps
+        assert ((m[rows].double() - exact).abs() <= bound).all(), f"rows {r}..{r + 1024}"
+    assert same_bits(m, m.t())
+
+
+@pytest.mark.parametrize("d", [13, 64])
+@pytest.mark.parametrize("case", list(SYM_GUARD_CASES))
+def test_symmetric_rank_one_update_refused(g, case, d):
+    """A refused update returns False and leaves the matrix bit for bit as it was, on the element
+    path (13) and the vector path (64)."""
+    beta, denom, floor, poison = SYM_GUARD_CASES[case]
+    for m_dtype in ACC_DTYPES:
+        for form in ("float", "f32", "f64"):
+            m = sym_matrix(d, m_dtype, g)
+            u = randn(d, g=g, dtype=m_dtype)
+            plant_in_u(u, poison)
+            m0 = m.clone()
+            flag = ops.symmetric_rank_one_update(
+                m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+            )
+            check_flag(flag, m, False)
+            assert same_bits(m, m0), f"a refused update changed the inverse ({m_dtype}, scalars as {form})"
+
+
+@pytest.mark.parametrize("form", ["float", "f32", "f64"])
+@pytest.mark.parametrize("case", list(SYM_ACCEPT_CASES))
+def test_symmetric_rank_one_update_accepted_boundaries(g, case, form):
+    beta, denom, floor = SYM_ACCEPT_CASES[case]
+    for m_dtype in ACC_DTYPES:
+        m = sym_matrix(8, m_dtype, g)
+        u = randn(8, g=g)
+        m0 = m.clone()
+        flag = ops.symmetric_rank_one_update(
+            m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+        )
+        check_flag(flag, m, True)
+        check_sym_update(m, m0, u, beta, denom)
+
+
+@pytest.mark.parametrize("d", [13, 64])
+def test_symmetric_rank_one_update_zero_beta_writes_nothing(g, d):
+    for m_dtype in ACC_DTYPES:
+        m = sym_matrix(d, m_dtype, g)
+        m0 = m.clone()
+        check_flag(ops.symmetric_rank_one_update(m, randn(d, g=g), 0.0, 3.0), m, True)
+        assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_guards_in_the_matrix_dtype(g):
+    """u and coef finite in fp64 but not in fp32: refused for an fp32 inverse, applied for fp64."""
+    u = torch.tensor([1.0, 1e300, 2.0, 0.5], dtype=torch.float64, device=DEV)
+    m = sym_matrix(4, torch.float32, g)
+    m0 = m.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, 0.5, 1.0), m, False)
+    assert same_bits(m, m0)
+    u = randn(8, g=g, dtype=torch.float64, scale=1e-20)
+    for m_dtype, applied in [(torch.float32, False), (torch.float64, True)]:
+        m = sym_matrix(8, m_dtype, g)
+        m0 = m.clone()
+        check_flag(ops.symmetric_rank_one_update(m, u, 1e39, 0.0), m, applied)
+        if applied:
+            check_sym_update(m, m0, u, 1e39, 0.0)
+        else:
+            assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_is_correctly_rounded(g):
+    """Every operation correctly rounded and none contracted into an FMA, in the documented order:
+    coef = β / (1 + β·denom) in fp64 rounded to the matrix dtype, then m - coef·(u_i·u_j). The result
+    equals that computation done here on the CPU bit for bit, on both write paths."""
+    for d, m_dtype in [(97, torch.float32), (64, torch.float32), (576, torch.float64), (37, torch.float64)]:
+        m = sym_matrix(d, m_dtype, g)
+        u = randn(d, g=g, dtype=torch.bfloat16)
+        beta, denom = draw_beta_denom(g)
+        coef = torch.tensor(beta / (1.0 + beta * denom), dtype=torch.float64).to(m_dtype)
+        uc = u.cpu().to(m_dtype)
+        want = m.cpu() - coef * (uc[:, None] * uc[None, :])
+        check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+        assert same_bits(m.cpu(), want), f"d {d}, {m_dtype}"
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [7, 576])
+def test_symmetric_rank_one_update_adds_and_removes_a_key(g, d, m_dtype):
+    """From A⁻¹ of a random SPD A: adding key k gives (A + βkkᵀ)⁻¹, removing it (-β, with u and uᵀk
+    of the new inverse) gives A⁻¹ back (tolerances as in tests/test_ops.py: the removal's errors
+    grow with its amplification 1 + β·uᵀk)."""
+    a = torch.randn(d, 2 * d + 1, generator=g, dtype=torch.float64) / math.sqrt(2 * d + 1)
+    c = a @ a.t() + 0.1 * torch.eye(d, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(c)
+    unit = (ev[-1] / ev[0]).item() * (math.sqrt(d) + 1.0) * torch.finfo(m_dtype).eps
+    k = torch.randn(d, generator=g, dtype=torch.float64)
+    start = torch.cholesky_inverse(torch.linalg.cholesky(c))
+    start = 0.5 * (start + start.t())
+    m = start.to(m_dtype).to(DEV)
+    u, denom = ops.solve_keys(m, k.to(DEV))
+    beta = 2.0
+    amplification = 1.0 + beta * float(denom)
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    want = torch.linalg.inv(c + beta * torch.outer(k, k))
+    assert same_bits(m, m.t())
+    assert ((m.double().cpu() - want).norm() / want.norm()).item() <= 2.0 * unit
+    u, denom = ops.solve_keys(m, k.to(DEV))
+    check_flag(ops.symmetric_rank_one_update(m, u, -beta, denom), m, True)
+    assert same_bits(m, m.t())
+    assert ((m.double().cpu() - start).norm() / start.norm()).item() <= 4.0 * unit * amplification
+
+
+# ----------------------------------------------------------------------------------------------
 # No host synchronisation, argument checks of the raw ops, torch.library checks
 # ----------------------------------------------------------------------------------------------
 
@@ -744,6 +942,7 @@ def test_no_host_sync(g):
     w, master = randn(32, d, g=g, dtype=torch.bfloat16), randn(32, d, g=g)
     u, lam = randn(d, g=g), randn(32, g=g)
     denom, min_denom = torch.tensor(1.0, device=DEV), torch.tensor(0.0, device=DEV)
+    beta = torch.tensor(0.5, dtype=torch.float64, device=DEV)
     ops.solve_keys(inverse, k)  # warm up lazy initialisation (cuBLAS handles, ...) outside the check
     ops.second_moment_accumulate(acc.clone(), x, mask)
     torch.cuda.synchronize()
@@ -752,9 +951,10 @@ def test_no_host_sync(g):
         ops.second_moment_accumulate(acc, x, mask)
         ops.solve_keys(inverse, k)
         flag = ops.rank_one_update(w, u, lam, denom=denom, min_denom=min_denom, master=master)
+        sym_flag = ops.symmetric_rank_one_update(inverse, u, beta, denom, min_denom=min_denom)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert bool(flag)
+    assert bool(flag) and bool(sym_flag)
 
 
 RAW = torch.ops.fastrome_C
@@ -814,6 +1014,34 @@ def _raw_cases():
             lambda: RAW.rank_one_update(torch.zeros(1, 4, device=DEV).expand(3, 4), u, lam, one, zero, None),
             "weight: elements overlap",
         ),
+        "sru_u_on_cpu": (
+            lambda: RAW.symmetric_rank_one_update(inv.clone(), k.to(cpu), one, one, zero),
+            "u: expected a CUDA tensor",
+        ),
+        "sru_beta_on_cpu": (
+            lambda: RAW.symmetric_rank_one_update(inv.clone(), k, one.to(cpu), one, zero),
+            "beta: expected a CUDA tensor",
+        ),
+        "sru_inverse_bf16": (
+            lambda: RAW.symmetric_rank_one_update(inv.bfloat16(), k, one, one, zero),
+            "inverse: expected a square float32/float64 matrix, got BFloat16",
+        ),
+        "sru_u_wrong_len": (
+            lambda: RAW.symmetric_rank_one_update(inv.clone(), torch.ones(5, device=DEV), one, one, zero),
+            "u: expected (4,) floating point, got Float [5]",
+        ),
+        "sru_scalar_int": (
+            lambda: RAW.symmetric_rank_one_update(inv.clone(), k, torch.tensor(1, device=DEV), one, zero),
+            "beta, denom and min_denom: expected floating-point scalars, got Long, Float and Float",
+        ),
+        "sru_inverse_expanded": (
+            lambda: RAW.symmetric_rank_one_update(torch.zeros(1, 4, device=DEV).expand(4, 4), k, one, one, zero),
+            "inverse: elements overlap",
+        ),
+        "sru_u_row_of_inverse": (
+            lambda: (lambda m: RAW.symmetric_rank_one_update(m, m[1], one, one, zero))(inv.clone()),
+            "u: shares memory with inverse",
+        ),
     }
 
 
@@ -822,6 +1050,8 @@ RAW_CASES = [
     "solve_k_on_cpu", "solve_k_wrong_d", "solve_inverse_fp16",
     "r1u_u_on_cpu", "r1u_denom_on_cpu", "r1u_master_wrong_shape", "r1u_u_wrong_len", "r1u_denom_int",
     "r1u_weight_expanded",
+    "sru_u_on_cpu", "sru_beta_on_cpu", "sru_inverse_bf16", "sru_u_wrong_len", "sru_scalar_int",
+    "sru_inverse_expanded", "sru_u_row_of_inverse",
 ]  # fmt: skip
 
 
@@ -850,6 +1080,11 @@ def _opcheck_cases(g):
             (randn(4, d, g=g, dtype=torch.bfloat16), randn(d, g=g), randn(4, g=g), one.double(), zero.double(),
              randn(4, d, g=g)),
             (randn(4, d, g=g), randn(d, g=g), randn(4, g=g), -one, zero, None),  # a refused write
+        ],
+        "symmetric_rank_one_update": [
+            (random_symmetric(d, torch.float32, g), randn(d, g=g), one * 0.5, one * 2.0, zero),
+            (inv.clone(), randn(d, g=g, dtype=torch.bfloat16), -one.double() * 0.25, one, zero.double()),
+            (inv.clone(), randn(d, g=g), one, -one, zero),  # 1 + β·uᵀk = 0: refused
         ],
     }
 

@@ -32,13 +32,19 @@ from kernel_checks import (
     F64_EPS,
     GUARD_CASES,
     SCALAR_FORMS,
+    SYM_ACCEPT_CASES,
+    SYM_GUARD_CASES,
     W_DTYPES,
     apply_poison,
     check_master_update,
     check_rounded_update,
+    check_symmetric_update,
+    plant_in_u,
     poison_negative_zeros,
+    random_symmetric_matrix,
     rank_one_bounds,
     same_bits,
+    symmetric_update_bounds,
 )
 
 from fastrome import ops
@@ -53,6 +59,7 @@ KERNEL_MODULES = (
     "fastrome.kernels.rank_one_update",
     "fastrome.kernels.second_moment",
     "fastrome.kernels.solve_keys",
+    "fastrome.kernels.symmetric_rank_one_update",
 )
 ENV_AT_IMPORT = os.environ.get("TRITON_INTERPRET")
 
@@ -712,6 +719,166 @@ def test_rank_one_update_empty_weight(device):
     w = torch.zeros(0, 5, device=DEVICE)
     flag = ops.rank_one_update(w, torch.ones(5, device=DEVICE), torch.ones(0, device=DEVICE), denom=1.0, min_denom=0.0)
     check_flag(flag, w, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# symmetric_rank_one_update
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_beta_denom(g):
+    """β in [0.1, 2) and uᵀk in [0.1, 5): an addition with a well-separated denominator."""
+    beta, denom = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+    return 0.1 + 1.9 * beta, 0.1 + 4.9 * denom
+
+
+def sym_matrix(d, dtype, g):
+    return random_symmetric_matrix(d, dtype, g, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "m_dtype,u_dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float64),
+     (torch.float64, torch.float64), (torch.float64, torch.bfloat16), (torch.float64, torch.float32)],
+    ids=str,
+)
+@pytest.mark.parametrize("d", [1, 7, 97, 576])
+def test_symmetric_rank_one_update(device, g, d, m_dtype, u_dtype):
+    m = sym_matrix(d, m_dtype, g)
+    u = randn(d, g=g, dtype=u_dtype)
+    beta, denom = draw_beta_denom(g)
+    m0, u0 = m.clone(), u.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+    assert same_bits(u, u0)
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+def test_symmetric_rank_one_update_wide(device, g, m_dtype):
+    """d = 1536 (SmolLM2's d_ff): several tiles in both directions, the last ones partial."""
+    d = 1536
+    m = sym_matrix(d, m_dtype, g)
+    u = randn(d, g=g, dtype=torch.bfloat16)
+    beta, denom = draw_beta_denom(g)
+    m0 = m.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+
+
+@pytest.mark.parametrize("u_kind", ["strided", "offset"])
+@pytest.mark.parametrize("m_kind", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+def test_symmetric_rank_one_update_layouts(device, g, m_dtype, m_kind, u_kind):
+    d = 37
+    sym = sym_matrix(d, m_dtype, g)
+    if m_kind == "sliced":
+        base = randn(d + 3, 2 * d + 1, g=g, dtype=m_dtype)
+        m = base[1 : 1 + d, 1::2]
+        m.copy_(sym)
+        inside = torch.zeros(base.shape, dtype=torch.bool, device=DEVICE)
+        inside[1 : 1 + d, 1::2] = True
+    else:
+        base = sym if m_kind == "contiguous" else sym.t().contiguous()
+        m = base if m_kind == "contiguous" else base.t()
+        inside = torch.ones(base.shape, dtype=torch.bool, device=DEVICE)
+    u = randn(3 * d, g=g, dtype=torch.bfloat16)[1::3] if u_kind == "strided" else randn(d + 5, g=g)[3 : 3 + d]
+    base0, m0, u0 = base.clone(), m.clone(), u.clone()
+    beta, denom = draw_beta_denom(g)
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+    assert same_bits(base[~inside], base0[~inside]), "wrote outside the view"
+    assert same_bits(u, u0)
+
+
+@pytest.mark.parametrize("case", list(SYM_GUARD_CASES))
+def test_symmetric_rank_one_update_refused(device, g, case):
+    beta, denom, floor, poison = SYM_GUARD_CASES[case]
+    d = 13
+    # Both matrix dtypes, each scalar form at least once (checked bit for bit each time).
+    for m_dtype, form in [(torch.float32, "float"), (torch.float64, "f32"), (torch.float32, "f64")]:
+        m = sym_matrix(d, m_dtype, g)
+        u = randn(d, g=g, dtype=m_dtype)
+        plant_in_u(u, poison)
+        m0 = m.clone()
+        flag = ops.symmetric_rank_one_update(
+            m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+        )
+        check_flag(flag, m, False)
+        assert same_bits(m, m0), f"a refused update changed the inverse (inverse {m_dtype}, scalars as {form})"
+
+
+@pytest.mark.parametrize("form", ["float", "f32", "f64"])
+@pytest.mark.parametrize("case", list(SYM_ACCEPT_CASES))
+def test_symmetric_rank_one_update_accepted_boundaries(device, g, case, form):
+    beta, denom, floor = SYM_ACCEPT_CASES[case]
+    m = sym_matrix(9, torch.float64, g)
+    u = randn(9, g=g)
+    m0 = m.clone()
+    flag = ops.symmetric_rank_one_update(
+        m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+    )
+    check_flag(flag, m, True)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+def test_symmetric_rank_one_update_zero_beta_writes_nothing(device, g, m_dtype):
+    m = sym_matrix(11, m_dtype, g)
+    m0 = m.clone()
+    check_flag(ops.symmetric_rank_one_update(m, randn(11, g=g), as_scalar(0.0, "f32"), 3.0), m, True)
+    assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_guards_in_the_matrix_dtype(device, g):
+    """u and coef finite in fp64 but not in fp32: refused for an fp32 inverse, applied for fp64."""
+    u = torch.tensor([1.0, 1e300, 2.0], dtype=torch.float64, device=DEVICE)
+    m = sym_matrix(3, torch.float32, g)
+    m0 = m.clone()
+    check_flag(ops.symmetric_rank_one_update(m, u, 0.5, 1.0), m, False)
+    assert same_bits(m, m0)
+    u = randn(5, g=g, dtype=torch.float64, scale=1e-20)
+    for m_dtype, applied in [(torch.float32, False), (torch.float64, True)]:
+        m = sym_matrix(5, m_dtype, g)
+        m0 = m.clone()
+        check_flag(ops.symmetric_rank_one_update(m, u, 1e39, 0.0), m, applied)
+        if applied:
+            exact, bound = symmetric_update_bounds(m0, u, 1e39, 0.0)
+            check_symmetric_update(m, exact, bound)
+        else:
+            assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_empty(device):
+    m = torch.zeros(0, 0, device=DEVICE)
+    check_flag(ops.symmetric_rank_one_update(m, torch.ones(0, device=DEVICE), 1.0, 1.0), m, True)
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [7, 97])
+def test_symmetric_rank_one_update_adds_and_removes_a_key(device, g, d, m_dtype):
+    """From A⁻¹ of a random SPD A: adding key k gives (A + βkkᵀ)⁻¹, removing it (-β, with u and uᵀk
+    of the new inverse) gives A⁻¹ back (tolerances as in tests/test_ops.py: the removal's errors
+    grow with its amplification 1 + β·uᵀk)."""
+    c, cond = make_spd(d, g)
+    k = torch.randn(d, generator=g, dtype=torch.float64)
+    unit = cond * (math.sqrt(d) + 1.0) * torch.finfo(m_dtype).eps
+    m = inverse_of(c).to(m_dtype).to(DEVICE)
+    u, denom = ops.solve_keys(m, k.to(DEVICE))
+    beta = 2.0
+    amplification = 1.0 + beta * float(denom)
+    check_flag(ops.symmetric_rank_one_update(m, u, beta, denom), m, True)
+    want = inverse_of(c + beta * torch.outer(k, k))
+    assert same_bits(m, m.t())
+    assert ((m.double().cpu() - want).norm() / want.norm()).item() <= 2.0 * unit
+    u, denom = ops.solve_keys(m, k.to(DEVICE))
+    check_flag(ops.symmetric_rank_one_update(m, u, -beta, denom), m, True)
+    assert same_bits(m, m.t())
+    start = inverse_of(c)
+    assert ((m.double().cpu() - start).norm() / start.norm()).item() <= 4.0 * unit * amplification
 
 
 # ----------------------------------------------------------------------------------------------

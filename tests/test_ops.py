@@ -1,4 +1,4 @@
-"""Tests of the three fastrome ops on every backend that runs on the CPU.
+"""Tests of the fastrome ops on every backend that runs on the CPU.
 
 Every numerical check compares against an independent float64 computation done here (never
 against :mod:`fastrome.reference`), with tolerances derived from the precision the op promises:
@@ -20,14 +20,20 @@ from kernel_checks import (
     F32_EPS,
     F64_EPS,
     GUARD_CASES,
+    SYM_ACCEPT_CASES,
+    SYM_GUARD_CASES,
     W_DTYPES,
     apply_poison,
     as_scalar,
     check_master_update,
     check_rounded_update,
+    check_symmetric_update,
+    plant_in_u,
     poison_negative_zeros,
+    random_symmetric_matrix,
     rank_one_bounds,
     same_bits,
+    symmetric_update_bounds,
 )
 
 from fastrome import _extension, ops, reference
@@ -589,6 +595,246 @@ def test_rank_one_update_refuses_vectors_that_overflow_the_compute_dtype(backend
 
 
 # ----------------------------------------------------------------------------------------------
+# symmetric_rank_one_update
+# ----------------------------------------------------------------------------------------------
+
+SYM_SIZES = [1, 7, 97, 576, 1536]
+SYM_U_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+SYM_FORMS = ["float", "f32", "f64"]
+
+
+def draw_beta_denom(g):
+    """β in [0.1, 2) and uᵀk in [0.1, 5): an addition with a well-separated denominator."""
+    beta, denom = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+    return 0.1 + 1.9 * beta, 0.1 + 4.9 * denom
+
+
+def check_applied(flag, m, applied=True):
+    assert flag.dtype == torch.bool and flag.shape == () and flag.device == m.device
+    assert bool(flag) is applied
+
+
+@pytest.mark.parametrize("u_dtype", SYM_U_DTYPES, ids=str)
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", SYM_SIZES)
+def test_symmetric_rank_one_update(backend, g, d, m_dtype, u_dtype):
+    m = random_symmetric_matrix(d, m_dtype, g)
+    u = randn(d, g=g, dtype=u_dtype)
+    beta, denom = draw_beta_denom(g)
+    m0, u0 = m.clone(), u.clone()
+    check_applied(ops.symmetric_rank_one_update(m, u, beta, denom), m)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+    assert same_bits(u, u0)
+
+
+def sym_view(kind: str, d: int, dtype, g):
+    """``(base, view, inside)``: an exactly symmetric (d, d) view in layout ``kind`` of a base
+    tensor, and the mask of the base elements the view covers."""
+    sym = random_symmetric_matrix(d, dtype, g)
+    if kind == "sliced":  # a window with a row offset and a column stride of 2
+        base = randn(d + 3, 2 * d + 1, g=g, dtype=dtype)
+        view = base[1 : 1 + d, 1::2]
+        view.copy_(sym)
+        inside = torch.zeros(base.shape, dtype=torch.bool)
+        inside[1 : 1 + d, 1::2] = True
+        return base, view, inside
+    base = sym if kind == "contiguous" else sym.t().contiguous()  # "transposed": column-major
+    view = base if kind == "contiguous" else base.t()
+    return base, view, torch.ones(base.shape, dtype=torch.bool)
+
+
+def sym_vector(kind: str, d: int, dtype, g):
+    if kind == "contiguous":
+        return randn(d, g=g, dtype=dtype)
+    if kind == "strided":
+        return randn(3 * d, g=g, dtype=dtype)[1::3]
+    return randn(d + 5, g=g, dtype=dtype)[3 : 3 + d]  # contiguous, off any alignment boundary
+
+
+@pytest.mark.parametrize("u_kind", ["contiguous", "strided", "offset"])
+@pytest.mark.parametrize("m_kind", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [8, 37])
+def test_symmetric_rank_one_update_layouts(backend, g, d, m_dtype, m_kind, u_kind):
+    base, m, inside = sym_view(m_kind, d, m_dtype, g)
+    u = sym_vector(u_kind, d, torch.bfloat16 if u_kind == "strided" else torch.float32, g)
+    assert m_kind == "contiguous" or not m.is_contiguous()
+    assert u_kind != "strided" or not u.is_contiguous()
+    base0, m0, u0 = base.clone(), m.clone(), u.clone()
+    beta, denom = draw_beta_denom(g)
+    check_applied(ops.symmetric_rank_one_update(m, u, beta, denom), m)
+    exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+    check_symmetric_update(m, exact, bound)
+    assert same_bits(base[~inside], base0[~inside]), "wrote outside the view"
+    assert same_bits(u, u0)
+
+
+@pytest.mark.parametrize("case", list(SYM_GUARD_CASES))
+def test_symmetric_rank_one_update_refused(backend, g, case):
+    beta, denom, floor, poison = SYM_GUARD_CASES[case]
+    d = 13
+    for m_dtype in ACC_DTYPES:
+        for form in SYM_FORMS:
+            m = random_symmetric_matrix(d, m_dtype, g)
+            u = randn(d, g=g, dtype=m_dtype)
+            plant_in_u(u, poison)
+            m0 = m.clone()
+            flag = ops.symmetric_rank_one_update(
+                m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+            )
+            where = f"inverse {m_dtype}, scalars as {form}"
+            check_applied(flag, m, False)
+            assert same_bits(m, m0), f"a refused update changed the inverse ({where})"
+
+
+@pytest.mark.parametrize("form", SYM_FORMS)
+@pytest.mark.parametrize("case", list(SYM_ACCEPT_CASES))
+def test_symmetric_rank_one_update_accepted_boundaries(backend, g, case, form):
+    beta, denom, floor = SYM_ACCEPT_CASES[case]
+    for m_dtype in ACC_DTYPES:
+        m = random_symmetric_matrix(9, m_dtype, g)
+        u = randn(9, g=g)
+        m0 = m.clone()
+        flag = ops.symmetric_rank_one_update(
+            m, u, as_scalar(beta, form), as_scalar(denom, form), min_denom=as_scalar(floor, form)
+        )
+        check_applied(flag, m)
+        exact, bound = symmetric_update_bounds(m0, u, beta, denom)
+        check_symmetric_update(m, exact, bound)
+
+
+@pytest.mark.parametrize("form", SYM_FORMS)
+def test_symmetric_rank_one_update_zero_beta_writes_nothing(backend, g, form):
+    """β = 0 is a valid update that changes nothing: applied, and every bit (-0.0 too) in place."""
+    for m_dtype in ACC_DTYPES:
+        m = random_symmetric_matrix(11, m_dtype, g)
+        m0 = m.clone()
+        check_applied(ops.symmetric_rank_one_update(m, randn(11, g=g), as_scalar(0.0, form), 3.0), m)
+        assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_guards_in_the_matrix_dtype(backend, g):
+    """u and coef finite in fp64 but not in fp32: refused for an fp32 inverse, applied for fp64."""
+    u = torch.tensor([1.0, 1e300, 2.0], dtype=torch.float64)
+    m = random_symmetric_matrix(3, torch.float32, g)
+    m0 = m.clone()
+    check_applied(ops.symmetric_rank_one_update(m, u, 0.5, 1.0), m, False)
+    assert same_bits(m, m0)
+
+    beta = 1e39  # coef = β when denom = 0: above fp32's largest finite value
+    u = randn(5, g=g, dtype=torch.float64, scale=1e-20)
+    for m_dtype, applied in [(torch.float32, False), (torch.float64, True)]:
+        m = random_symmetric_matrix(5, m_dtype, g)
+        m0 = m.clone()
+        check_applied(ops.symmetric_rank_one_update(m, u, beta, 0.0), m, applied)
+        if applied:
+            exact, bound = symmetric_update_bounds(m0, u, beta, 0.0)
+            check_symmetric_update(m, exact, bound)
+        else:
+            assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_empty(backend):
+    m = torch.zeros(0, 0, dtype=torch.float64)
+    check_applied(ops.symmetric_rank_one_update(m, torch.ones(0), 1.0, 1.0), m)
+
+
+def relative_error(m, want):
+    return ((m.double() - want).norm() / want.norm()).item()
+
+
+def inverse_unit(cond, d, dtype):
+    """The error scale of an inverse solved against and updated at ``dtype``'s eps: as in
+    check_solve, a perturbed inverse moves a solve by up to ~cond·sqrt(d)·eps."""
+    return cond * (math.sqrt(d) + 1.0) * torch.finfo(dtype).eps
+
+
+# An addition is within 2 units (measured: at most 0.2). A removal is a downdate: 1 - β·uᵀk of the
+# new inverse is 1 / (1 + β·uᵀk) of the old one, so its rounding errors grow by that amplification
+# (hence the periodic refactorisation of the edit memory); within 4 units per amplification
+# (measured: at most 0.6).
+ADD_UNITS, REMOVE_UNITS = 2.0, 4.0
+
+
+@pytest.mark.parametrize("strength", ["moderate", "strong"])
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [7, 97, 576])
+def test_symmetric_rank_one_update_adds_and_removes_a_key(backend, g, d, m_dtype, strength):
+    """From A⁻¹ of a random SPD A: the update for key k gives (A + βkkᵀ)⁻¹, and the removal (-β,
+    with u and uᵀk of the new inverse) gives A⁻¹ back. β·uᵀk is 1 ("moderate") or ~d ("strong",
+    β = 2 with keys of A's scale, as real keys are against C)."""
+    c, cond = make_spd(d, g)
+    k = randn(d, g=g, dtype=torch.float64)
+    m = inverse_of(c).to(m_dtype)
+    unit = inverse_unit(cond, d, m_dtype)
+
+    u, denom = ops.solve_keys(m, k)
+    beta = 1.0 / float(denom) if strength == "moderate" else 2.0
+    amplification = 1.0 + beta * float(denom)
+    check_applied(ops.symmetric_rank_one_update(m, u, beta, denom), m)
+    want = inverse_of(c + beta * torch.outer(k, k))
+    assert same_bits(m, m.t())
+    err = relative_error(m, want)
+    assert err <= ADD_UNITS * unit, f"addition: relative error {err:.3e} > {ADD_UNITS * unit:.3e}"
+    # The tolerance tells an applied update from none at all.
+    assert relative_error(inverse_of(c), want) > 10 * ADD_UNITS * unit
+
+    u, denom = ops.solve_keys(m, k)
+    check_applied(ops.symmetric_rank_one_update(m, u, -beta, denom), m)
+    assert same_bits(m, m.t())
+    err, tol = relative_error(m, inverse_of(c)), REMOVE_UNITS * unit * amplification
+    assert err <= tol, f"removal: relative error {err:.3e} > {tol:.3e} (amplification {amplification:.1f})"
+    if strength == "moderate":
+        assert relative_error(want, inverse_of(c)) > 10 * tol
+
+
+@pytest.mark.parametrize("m_dtype", ACC_DTYPES, ids=str)
+def test_symmetric_rank_one_update_keeps_an_edit_memory(backend, g, m_dtype):
+    """Five keys added one after another give (C + β Σ k kᵀ)⁻¹; removing them in another order
+    gives C⁻¹ back."""
+    d, n, beta = 61, 5, 0.5
+    c, cond = make_spd(d, g)
+    keys = [randn(d, g=g, dtype=torch.float64) for _ in range(n)]
+    memory = c + beta * sum(torch.outer(k, k) for k in keys)
+    unit = inverse_unit(cond, d, m_dtype)
+    m = inverse_of(c).to(m_dtype)
+    amplification = 0.0
+    for k in keys:
+        u, denom = ops.solve_keys(m, k)
+        amplification += 1.0 + beta * float(denom)
+        check_applied(ops.symmetric_rank_one_update(m, u, beta, denom), m)
+    assert same_bits(m, m.t())
+    assert relative_error(m, inverse_of(memory)) <= ADD_UNITS * unit * n
+    for i in (2, 0, 4, 1, 3):
+        u, denom = ops.solve_keys(m, keys[i])
+        check_applied(ops.symmetric_rank_one_update(m, u, -beta, denom), m)
+    assert same_bits(m, m.t())
+    assert relative_error(m, inverse_of(c)) <= REMOVE_UNITS * unit * amplification
+
+
+def test_symmetric_rank_one_update_refuses_removing_an_absent_key(backend, g):
+    """Removing a key A does not hold drives 1 - β·uᵀk to or below 0 once β·uᵀk >= 1: refused."""
+    d = 9
+    m = torch.eye(d, dtype=torch.float64)  # A = I: u = k, uᵀk = |k|²
+    k = torch.zeros(d, dtype=torch.float64)
+    k[0] = 2.0  # uᵀk = 4
+    m0 = m.clone()
+    check_applied(ops.symmetric_rank_one_update(m, k.clone(), -0.25, 4.0), m, False)  # 1 - 1 = 0
+    check_applied(ops.symmetric_rank_one_update(m, k.clone(), -0.5, 4.0), m, False)  # 1 - 2 < 0
+    assert same_bits(m, m0)
+
+
+def test_symmetric_rank_one_update_exact_small_case(backend):
+    """By hand: A = I (2×2), k = (1, 1), β = 1: (I + kkᵀ)⁻¹ = I - kkᵀ/3."""
+    m = torch.eye(2, dtype=torch.float64)
+    k = torch.ones(2, dtype=torch.float64)
+    check_applied(ops.symmetric_rank_one_update(m, k.clone(), 1.0, 2.0), m)
+    want = torch.tensor([[1 - 1 / 3, -1 / 3], [-1 / 3, 1 - 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(m, want, rtol=0, atol=2 * F64_EPS)
+
+
+# ----------------------------------------------------------------------------------------------
 # Argument checking of the public wrappers
 # ----------------------------------------------------------------------------------------------
 
@@ -614,6 +860,17 @@ def _r1u(weight=None, u=None, lam=None, denom=1.0, min_denom=0.0, master=None):
     u = torch.ones(5) if u is None else u
     lam = torch.ones(3) if lam is None else lam
     return ops.rank_one_update, (weight, u, lam), {"denom": denom, "min_denom": min_denom, "master": master}
+
+
+def _sru(inverse=None, u=None, beta=0.5, denom=1.0, min_denom=1e-12, d=4):
+    inverse = torch.eye(d) if inverse is None else inverse
+    u = torch.ones(d) if u is None else u
+    return ops.symmetric_rank_one_update, (inverse, u, beta, denom), {"min_denom": min_denom}
+
+
+def _sru_u_view_of_inverse(view):
+    inverse = torch.eye(4)
+    return _sru(inverse=inverse, u=view(inverse))
 
 
 BAD_ARGS = {
@@ -695,6 +952,40 @@ BAD_ARGS = {
         ValueError,
         "min_denom:",
     ),
+    # symmetric_rank_one_update
+    "sru_inverse_not_tensor": (lambda: _sru(inverse=[[1.0] * 4] * 4), TypeError, "inverse:"),
+    "sru_u_not_tensor": (lambda: _sru(u=[1.0] * 4), TypeError, "u:"),
+    "sru_inverse_1d": (lambda: _sru(inverse=torch.ones(4)), ValueError, "inverse:"),
+    "sru_inverse_not_square": (lambda: _sru(inverse=torch.zeros(4, 5)), ValueError, "inverse:"),
+    "sru_inverse_3d": (lambda: _sru(inverse=torch.zeros(1, 4, 4)), ValueError, "inverse:"),
+    "sru_inverse_bf16": (lambda: _sru(inverse=torch.eye(4, dtype=torch.bfloat16)), ValueError, "inverse:"),
+    "sru_inverse_int": (lambda: _sru(inverse=torch.zeros(4, 4, dtype=torch.int64)), ValueError, "inverse:"),
+    "sru_inverse_expanded": (
+        lambda: _sru(inverse=torch.ones(1, 4).expand(4, 4)),
+        ValueError,
+        "inverse: elements overlap in memory (strides (0, 1))",
+    ),
+    "sru_u_wrong_len": (lambda: _sru(u=torch.ones(5)), ValueError, "u: expected a (4,) floating-point"),
+    "sru_u_2d": (lambda: _sru(u=torch.ones(1, 4)), ValueError, "u:"),
+    "sru_u_int": (lambda: _sru(u=torch.ones(4, dtype=torch.int32)), ValueError, "u:"),
+    "sru_u_row_of_inverse": (lambda: _sru_u_view_of_inverse(lambda m: m[1]), ValueError, "u: shares memory"),
+    "sru_u_diagonal_of_inverse": (
+        lambda: _sru_u_view_of_inverse(torch.diagonal),
+        ValueError,
+        "u: shares memory",
+    ),
+    "sru_u_other_device": (lambda: _sru(u=torch.ones(4, device=META)), ValueError, "u on meta"),
+    "sru_inverse_other_device": (lambda: _sru(inverse=torch.eye(4, device=META)), ValueError, "inverse on meta"),
+    "sru_beta_str": (lambda: _sru(beta="0.5"), TypeError, "beta:"),
+    "sru_beta_none": (lambda: _sru(beta=None), TypeError, "beta:"),
+    "sru_beta_bool": (lambda: _sru(beta=True), TypeError, "beta:"),
+    "sru_beta_two_elements": (lambda: _sru(beta=torch.ones(2)), ValueError, "beta:"),
+    "sru_beta_int_tensor": (lambda: _sru(beta=torch.tensor(1)), ValueError, "beta:"),
+    "sru_beta_other_device": (lambda: _sru(beta=torch.tensor(0.5, device=META)), ValueError, "beta:"),
+    "sru_denom_none": (lambda: _sru(denom=None), TypeError, "denom:"),
+    "sru_denom_int_tensor": (lambda: _sru(denom=torch.tensor(2)), ValueError, "denom:"),
+    "sru_min_denom_str": (lambda: _sru(min_denom="0"), TypeError, "min_denom:"),
+    "sru_min_denom_two_elements": (lambda: _sru(min_denom=torch.zeros(3)), ValueError, "min_denom:"),
 }
 
 
@@ -750,6 +1041,7 @@ def _run_all_ops():
     ops.second_moment_accumulate(torch.eye(3), torch.ones(2, 3))
     ops.solve_keys(torch.eye(3, dtype=torch.float64), torch.ones(3))
     ops.rank_one_update(torch.zeros(2, 3), torch.ones(3), torch.ones(2), denom=1.0, min_denom=0.0)
+    ops.symmetric_rank_one_update(torch.eye(3), torch.ones(3), 0.5, 3.0)
 
 
 @pytest.mark.skipif(_extension.load_error() is not None, reason="C++ extension fastrome._C not built")
@@ -872,6 +1164,7 @@ def test_ops_registered_with_mutation_schema():
         "second_moment_accumulate": {"acc"},
         "solve_keys": set(),
         "rank_one_update": {"weight", "master"},
+        "symmetric_rank_one_update": {"inverse"},
     }
     for op, want in mutated.items():
         packet = getattr(torch.ops.fastrome, op)
@@ -889,6 +1182,9 @@ def test_fake_tensors_on_meta_device():
     assert (u.shape, u.dtype, denom.shape, denom.dtype) == ((4,), torch.float64, (), torch.float64)
     w, u, lam = torch.zeros(2, 4, device=META), torch.ones(4, device=META), torch.ones(2, device=META)
     flag = ops.rank_one_update(w, u, lam, denom=1.0, min_denom=0.0)
+    assert (flag.shape, flag.dtype, flag.device) == ((), torch.bool, META)
+    inverse = torch.eye(4, dtype=torch.float64, device=META)
+    flag = ops.symmetric_rank_one_update(inverse, torch.ones(4, dtype=torch.bfloat16, device=META), 0.5, 2.0)
     assert (flag.shape, flag.dtype, flag.device) == ((), torch.bool, META)
 
 
@@ -913,6 +1209,11 @@ def _opcheck_cases(g):
             (w32, randn(d, g=g), randn(4, g=g), one, zero, None),
             (w16, randn(d, g=g), randn(4, g=g), one64, zero64, randn(4, d, g=g)),
             (w32.clone(), randn(d, g=g), randn(4, g=g), -one, zero, None),  # a refused write
+        ],
+        "symmetric_rank_one_update": [
+            (random_symmetric(d, torch.float32, g), randn(d, g=g), one * 0.5, one * 2.0, zero),
+            (inv64.clone(), randn(d, g=g, dtype=torch.bfloat16), -one64 * 0.25, one, zero64),
+            (inv64.clone(), randn(d, g=g), one, -one, zero),  # 1 + β·uᵀk = 0: refused
         ],
     }
 
