@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 MODES = ("consistent", "original", "prompt")
 POLICIES = ("raise", "skip", "force")
+VALUE_NORMS = ("off", "anchor", "cap", "refuse")
 
 # Published ROME value-optimisation settings per family: steps, weight decay.
 _FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -70,6 +71,14 @@ class EditConfig:
     # refactorised from C and the keys every memory_refactor_every edits
     memory_beta: float = 0.0
     memory_refactor_every: int = 256
+    # norm constraint (ENCORE's Frobenius term): α·I added to the solve, as a fraction of C's scale
+    # (mean |diag C|), on top of the numerical ridge; trades ‖ΔW‖_F against interference on ordinary keys
+    norm_alpha: float = 0.0
+    # value-norm control (Norm-Anchor Scaling): the reference is the unedited layer's output norm
+    # at the edit's key, ‖W₀k̄ + b‖. "anchor": ‖v*‖ set to value_norm_factor × it; "cap": rescaled
+    # only when above that; "refuse": the edit refused when above that; "off"
+    value_norm: str = "off"
+    value_norm_factor: float = 1.0
     # guards
     policy: str = "raise"
     min_denom_rel: float = 1e-6
@@ -116,6 +125,16 @@ class EditConfig:
             raise bad("memory_beta", "a finite non-negative number (0: off)")
         if not integer(self.memory_refactor_every) or self.memory_refactor_every < 1:
             raise bad("memory_refactor_every", "a positive int")
+        if not (number(self.norm_alpha) and math.isfinite(self.norm_alpha) and self.norm_alpha >= 0):
+            raise bad("norm_alpha", "a finite non-negative number (0: off)")
+        if self.value_norm not in VALUE_NORMS:
+            raise bad("value_norm", f"one of {VALUE_NORMS}")
+        factor = self.value_norm_factor
+        if not (number(factor) and math.isfinite(factor) and factor > 0):
+            raise bad("value_norm_factor", "a finite positive number")
+        if self.value_norm != "off" and isinstance(self.spread, int) and self.spread > 1:
+            raise bad("value_norm", "'off' with spread > 1 (a spread edit's target is a residual-stream change, "
+                      "not one layer's value)")
         if not isinstance(self.spread, int) or isinstance(self.spread, bool) or self.spread < 1:
             raise bad("spread", "a positive int")
         if not isinstance(self.v_fast, bool):

@@ -252,7 +252,7 @@ class Editor:
                     self.adapter.weight(layer).copy_(weight)
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
-        return sm.solver(self.config.ridge, device=self.adapter.device(layer))
+        return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer))
 
     def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
         d, device = self.adapter.d_in, self.adapter.device(layer)
@@ -270,7 +270,7 @@ class Editor:
         if isinstance(spec, Tensor):
             if spec.shape != (d, d):
                 raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
-            return CovarianceSolver(spec, relative_ridge=self.config.ridge, device=device,
+            return CovarianceSolver(spec, relative_ridge=self.config.ridge + self.config.norm_alpha, device=device,
                                     source=f"stats[{layer}] (user-supplied C)"), "user-supplied C"
         if isinstance(spec, (str, os.PathLike)) and _statistics_file_kind(str(spec)) == "rome-npz":
             sm = load_rome_npz(spec, layer=layer)
@@ -464,11 +464,43 @@ class Editor:
         """The layers an edit at ``layer`` writes, lowest first."""
         return list(range(layer - self.config.spread + 1, layer + 1))
 
+    def _controlled_value(self, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> Tuple[Tensor, str]:
+        """``v*`` after value-norm control, and why the edit is refused ("" when it is not).
+
+        The reference is the unedited layer's output at the edit's key, ``‖W₀k̄ + b‖``: for a
+        one-layer edit the keys come from the layers below, which are unedited, so this is the
+        original model's own value at the subject. Anchoring to it keeps the written values from
+        growing edit after edit (the norm feedback of long runs)."""
+        cfg, v_star = self.config, vr.v_star
+        rec.v_star_norm = float(v_star.norm())
+        if cfg.value_norm == "off":
+            return v_star, ""
+        self._remember_base(layer)
+        base = self._base[layer].to(torch.float32)
+        key = keys.mean(0) if cfg.mode == "consistent" else keys[0]
+        ref = torch.mv(base, key.to(base.device, torch.float32))
+        bias = self.adapter.bias(layer)
+        if bias is not None:
+            ref = ref + bias.detach().to(ref.device, torch.float32)
+        rec.value_norm_ref = float(ref.norm())
+        limit, norm = cfg.value_norm_factor * rec.value_norm_ref, rec.v_star_norm
+        if cfg.value_norm == "refuse":
+            return v_star, (f"‖v*‖ = {norm:.4g} > {cfg.value_norm_factor:g} × the unedited value's norm "
+                            f"{rec.value_norm_ref:.4g}" if norm > limit else "")
+        if cfg.value_norm == "anchor" or norm > limit:
+            rec.value_scale = limit / norm if norm > 0 else 1.0
+            v_star = v_star * rec.value_scale
+            rec.v_star_norm = float(v_star.norm())
+        return v_star, ""
+
     def _apply(self, req: EditRequest, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> None:
         """Solve against the current weights, check the guards, write, journal."""
         cfg = self.config
         t0 = _now()
-        plan, total, verdict = self._check_part(layer, keys, vr, v_star=vr.v_star)
+        v_star, too_large = self._controlled_value(layer, keys, vr, rec)
+        plan, total, verdict = self._check_part(layer, keys, vr, v_star=v_star)
+        if too_large:
+            verdict = guards.Verdict(False, verdict.reasons + [too_large], verdict.floor)
         rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
         rec.update_norm, rec.update_ratio = plan.update_norm, plan.update_ratio
         rec.interference = plan.interference
@@ -493,7 +525,7 @@ class Editor:
                                              key=plan.solved_key))
             self._remember(layer, plan.solved_key)
         self.last = EditArtifacts(
-            layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=vr.v_star,
+            layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
         )
 

@@ -33,6 +33,9 @@ class EditRecord:
     denominator_rel: float = float("nan")
     delta_norm: float = float("nan")
     v_init_norm: float = float("nan")
+    v_star_norm: float = float("nan")  # ‖v*‖ as written (after value-norm control)
+    value_norm_ref: float = float("nan")  # the unedited layer's ‖W₀k̄ + b‖ (value-norm control on)
+    value_scale: float = 1.0  # what value-norm control multiplied v* by
     update_norm: float = float("nan")
     update_ratio: float = float("nan")
     interference: float = float("nan")  # ‖Λ‖²·uᵀCu: mean squared output change on ordinary keys
