@@ -79,6 +79,9 @@ class EditConfig:
     # only when above that; "refuse": the edit refused when above that; "off"
     value_norm: str = "off"
     value_norm_factor: float = 1.0
+    # null-space projection (AlphaEdit): u restricted to C's eigenvectors with eigenvalue at most
+    # this times the mean eigenvalue (0: off)
+    null_space: float = 0.0
     # guards
     policy: str = "raise"
     min_denom_rel: float = 1e-6
@@ -129,6 +132,8 @@ class EditConfig:
             raise bad("norm_alpha", "a finite non-negative number (0: off)")
         if self.value_norm not in VALUE_NORMS:
             raise bad("value_norm", f"one of {VALUE_NORMS}")
+        if not (number(self.null_space) and math.isfinite(self.null_space) and self.null_space >= 0):
+            raise bad("null_space", "a finite non-negative number (0: off)")
         factor = self.value_norm_factor
         if not (number(factor) and math.isfinite(factor) and factor > 0):
             raise bad("value_norm_factor", "a finite positive number")

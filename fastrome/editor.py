@@ -27,6 +27,7 @@ from fastrome.interop import load_rome_npz
 from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
+from fastrome.projection import ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
@@ -117,6 +118,7 @@ class Editor:
         self._stats_arg = stats
         _check_stats_arg(stats)
         self._solvers: Dict[int, CovarianceSolver] = {}
+        self._projectors: Dict[int, Tuple[Tensor, int]] = {}  # null-space projectors until their solver is built
         self._stats_source: Dict[int, str] = {}
         self._masters: Dict[int, Tensor] = {}
         self._total_ratio: Dict[int, float] = defaultdict(float)
@@ -175,7 +177,7 @@ class Editor:
         layer = self.layer if layer is None else layer
         self._ensure_solvers([layer])
         solver = self._solvers[layer]
-        memory = f"; edit memory β {solver.beta:g}" if isinstance(solver, EditMemory) else ""
+        memory = f"; edit memory β {solver.beta:g}" if self._memory(layer) is not None else ""
         if solver.identity:
             return self._stats_source[layer] + memory
         return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}{memory}"
@@ -215,11 +217,25 @@ class Editor:
             for layer, sm in found.items():
                 self._solvers[layer] = self._solver_from_moment(layer, sm)
                 self._stats_source[layer] = sm.describe()
-        if self.config.memory_beta > 0:
-            for layer in missing:
-                memory = EditMemory(self._solvers[layer], self.config.memory_beta, self.config.memory_refactor_every)
+        cfg = self.config
+        for layer in missing:
+            if cfg.memory_beta > 0:
+                memory = EditMemory(self._solvers[layer], cfg.memory_beta, cfg.memory_refactor_every)
                 memory.rebuild(self._journal_keys(layer))
                 self._solvers[layer] = memory
+            if cfg.null_space > 0:
+                if layer not in self._projectors:
+                    raise ValueError(f"config.null_space: the projection needs the statistics matrix C of layer "
+                                     f"{layer}, and stats gave {self._stats_source[layer]!r}")
+                projector, rank = self._projectors.pop(layer)
+                self._solvers[layer] = ProjectedSolver(self._solvers[layer], projector, rank, cfg.null_space)
+                self._stats_source[layer] += f"; null-space projection rank {rank} of {projector.shape[0]}"
+
+    def _memory(self, layer: int) -> Optional[EditMemory]:
+        """``layer``'s edit memory, behind a projection or not; None when the memory is off."""
+        solver = self._solvers.get(layer)
+        solver = solver.inner if isinstance(solver, ProjectedSolver) else solver
+        return solver if isinstance(solver, EditMemory) else None
 
     def _journal_keys(self, layer: int) -> List[Tensor]:
         """The solved keys of the journal's edits at ``layer``, in order (what its memory holds)."""
@@ -252,7 +268,13 @@ class Editor:
                     self.adapter.weight(layer).copy_(weight)
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
+        self._note_projector(layer, sm.matrix)
         return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer))
+
+    def _note_projector(self, layer: int, C: Tensor) -> None:
+        """With null-space projection on, its projector from ``C`` (kept until the solver is wrapped)."""
+        if self.config.null_space > 0:
+            self._projectors[layer] = null_space_projector(C, self.config.null_space)
 
     def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
         d, device = self.adapter.d_in, self.adapter.device(layer)
@@ -270,6 +292,7 @@ class Editor:
         if isinstance(spec, Tensor):
             if spec.shape != (d, d):
                 raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
+            self._note_projector(layer, spec)
             return CovarianceSolver(spec, relative_ridge=self.config.ridge + self.config.norm_alpha, device=device,
                                     source=f"stats[{layer}] (user-supplied C)"), "user-supplied C"
         if isinstance(spec, (str, os.PathLike)) and _statistics_file_kind(str(spec)) == "rome-npz":
@@ -643,18 +666,18 @@ class Editor:
 
     def _remember(self, layer: int, key: Tensor) -> None:
         """An applied edit's key joins its layer's edit memory (when the memory is on)."""
-        solver = self._solvers.get(layer)
-        if isinstance(solver, EditMemory):
-            solver.add(key)
+        memory = self._memory(layer)
+        if memory is not None:
+            memory.add(key)
 
     def _rebuild(self, layers: Iterable[int]) -> None:
         """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
         the original writes, through a fresh fp32 master for half-precision weights), and its edit
         memory to the journal's keys there."""
         for layer in sorted(set(layers)):
-            solver = self._solvers.get(layer)
-            if isinstance(solver, EditMemory):
-                solver.rebuild(self._journal_keys(layer))
+            memory = self._memory(layer)
+            if memory is not None:
+                memory.rebuild(self._journal_keys(layer))
             weight, base = self.adapter.weight(layer), self._base[layer]
             master = None if base.dtype in (torch.float32, torch.float64) else base.float()
             total = 0.0
