@@ -14,6 +14,10 @@ from typing import Any, Dict, Optional, Tuple
 MODES = ("consistent", "original", "prompt")
 POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
+# The settings that shape how edits interact over a long run: recorded with every edit, and a run
+# resumed from its journal must keep them.
+LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "mpes_checks", "norm_alpha",
+                   "value_norm", "value_norm_factor", "null_space")
 
 # Published ROME value-optimisation settings per family: steps, weight decay.
 _FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -182,6 +186,10 @@ class EditConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def lifelong_settings(self) -> Dict[str, Any]:
+        """The :data:`LIFELONG_FIELDS` and their values."""
+        return {name: getattr(self, name) for name in LIFELONG_FIELDS}
 
 
 def make_config(config: Optional[EditConfig] = None, **overrides: Any) -> EditConfig:

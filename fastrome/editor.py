@@ -419,7 +419,7 @@ class Editor:
                     rec = EditRecord(
                         index=len(self.history) + len(recs), case_id=req.case_id, prompt=req.text,
                         subject=req.subject, target_new=req.target_new, layer=layer, mode=self.config.mode,
-                        stats=self.stats_source(layer),
+                        stats=self.stats_source(layer), settings=self.config.lifelong_settings(),
                     )
                     if i == 0:
                         rec.seconds["stats"] = stats_seconds
@@ -701,6 +701,7 @@ class Editor:
             warnings.warn(f"journal {self.journal.path}: dropping the incomplete parts {partial} of a spread edit "
                           "interrupted while it was being recorded", stacklevel=3)
             self.journal.remove(partial)
+        self._check_settings()
         layers = sorted({e.layer for e in self.journal})
         for layer in layers:
             self.adapter.check_layer(layer, f"journal layer {layer}")
@@ -708,6 +709,20 @@ class Editor:
         for layer in layers:
             self._base[layer] = self.adapter.weight(layer).detach().clone()
         self._rebuild(layers)
+
+    def _check_settings(self) -> None:
+        """A resumed run keeps the settings its edits were made with (journals from before these
+        settings were recorded carry none and are taken as they are)."""
+        recorded = next((e.record.get("settings") for e in reversed(self.journal.entries)
+                         if e.record.get("settings")), None)
+        if not recorded:
+            return
+        now = self.config.lifelong_settings()
+        differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
+        if differ:
+            said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))
+            raise ValueError(f"journal {self.journal.path}: its edits were made with {said}; resume with the "
+                             "same settings, or start a new journal")
 
     def done_case_ids(self) -> List[Any]:
         """``case_id`` of every edit in the journal, in order (to skip them when resuming a run)."""

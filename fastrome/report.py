@@ -36,6 +36,7 @@ class EditRecord:
     v_star_norm: float = float("nan")  # ‖v*‖ as written (after value-norm control)
     value_norm_ref: float = float("nan")  # the unedited layer's ‖W₀k̄ + b‖ (value-norm control on)
     value_scale: float = 1.0  # what value-norm control multiplied v* by
+    settings: Dict[str, Any] = field(default_factory=dict)  # EditConfig.lifelong_settings() of the edit
     update_norm: float = float("nan")
     update_ratio: float = float("nan")
     interference: float = float("nan")  # ‖Λ‖²·uᵀCu: mean squared output change on ordinary keys

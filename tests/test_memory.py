@@ -154,7 +154,7 @@ def test_a_resumed_run_with_memory_edits_as_one_never_stopped(make_tiny, tmp_pat
 
 def test_memory_needs_the_keys_of_the_journal(make_tiny, tmp_path):
     model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, journal=tmp_path / "j")
+    ed = editor(model, tok, journal=tmp_path / "j", memory_beta=1.0)
     ed.edit(REQS[:1])
     ed.close()
     # a journal written before keys were kept: drop the key from the factor file and the digest
@@ -173,3 +173,18 @@ def test_memory_needs_the_keys_of_the_journal(make_tiny, tmp_path):
     with pytest.raises(ValueError, match="config.memory_beta: edit 0 in the journal has no key"):
         resumed.edit(REQS[1:2])
     assert all(torch.equal(x, y) for x, y in zip(weights(fresh), weights(model)))
+
+
+def test_a_resumed_run_must_keep_its_settings(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, journal=tmp_path / "j", memory_beta=3.0, mpes_checks=2)
+    (rec,) = ed.edit(REQS[:1]).records
+    assert rec.settings["memory_beta"] == 3.0 and rec.settings["mpes_checks"] == 2
+    ed.close()
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    before = weights(fresh)
+    with pytest.raises(ValueError, match=r"memory_beta=3\.0 \(this editor: 0\.0\)"):
+        editor(fresh, tok, journal=tmp_path / "j", mpes_checks=2)
+    assert all(torch.equal(x, y) for x, y in zip(weights(fresh), before))
+    with editor(fresh, tok, journal=tmp_path / "j", memory_beta=3.0, mpes_checks=2) as resumed:
+        assert resumed.done_case_ids() == [1]
