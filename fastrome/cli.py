@@ -158,6 +158,7 @@ def _check_edit_flags(args: argparse.Namespace) -> None:
                          f"(at most {args.layer + 1} there)")
     _check_runtime(args)
     _check_stats(args.stats)
+    _settings(args)
     if args.output:
         _check_writable(args.output, "--output", folder=True)
 
@@ -240,11 +241,33 @@ def _read_requests(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return requests
 
 
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--set FIELD=VALUE`` pairs as EditConfig overrides (values read as JSON, else as text),
+    checked by the config's own validation before any model is loaded."""
+    from fastrome.config import make_config
+
+    out: Dict[str, Any] = {}
+    for item in getattr(args, "settings", None) or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--set: expected FIELD=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(text)
+        except ValueError:
+            out[name] = text
+    try:
+        make_config(**out)
+    except ValueError as exc:
+        raise UsageError(f"--set: {exc}") from None
+    return out
+
+
 def _editor(model, tok, args: argparse.Namespace):
     from fastrome import Editor
 
-    overrides = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
-                 "stats_tokens": args.tokens}
+    flags = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
+             "stats_tokens": args.tokens}
+    overrides = {**_settings(args), **{k: v for k, v in flags.items() if v is not None}}
     return Editor(model, tok, stats=args.stats, progress=not args.json, **overrides)
 
 
@@ -447,8 +470,9 @@ def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes, *, p
         elif getattr(c, "loc", None):
             req["locality_prompt"] = c.loc
         records.append(req)
-    overrides = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy or "skip",
-                 "stats_tokens": args.tokens}
+    flags = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
+             "stats_tokens": args.tokens}
+    overrides = {"policy": "skip", **_settings(args), **{k: v for k, v in flags.items() if v is not None}}
     editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
                       **{k: v for k, v in overrides.items() if v is not None})
     summary = run_sequential(
@@ -686,6 +710,9 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=None, help="token budget when statistics are computed")
     p.add_argument("--max-new-tokens", type=int, default=8, help="length of the greedy completions shown")
     p.add_argument("--output", default=None, help="write the edited model (safetensors) to this folder")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any EditConfig field, e.g. memory_beta=0.02 or mpes_checks=2 (repeatable; values "
+                        "read as JSON)")
 
 
 def _cuda() -> bool:

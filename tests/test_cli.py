@@ -98,6 +98,19 @@ def test_edit_inline_json(capsys, model_dir):
     assert data["edits"][0]["status"] == "applied"
 
 
+def test_edit_with_lifelong_settings(capsys, model_dir):
+    code, out = run(
+        capsys, "edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in",
+        "--subject", "The Eiffel Tower", "--target", "Rome", "--layer", "1", "--stats", "identity",
+        "--set", "mpes_checks=2", "--set", "memory_beta=0.5", "--set", "value_norm=cap", "--json", "--device", "cpu",
+    )
+    data = json.loads(out)
+    assert code == 0 and data["applied"] == 1
+    settings = data["edits"][0]["settings"]
+    assert (settings["mpes_checks"], settings["memory_beta"], settings["value_norm"]) == (2, 0.5, "cap")
+    assert "edit memory β 0.5" in data["stats"]
+
+
 def test_edit_spread_over_layers(capsys, model_dir):
     code, out = run(
         capsys, "edit", "--model", str(model_dir), "--prompt", "The Eiffel Tower is located in",
@@ -219,6 +232,10 @@ BAD_FLAGS = {
     "output-existing-file": (EDIT + ["--output", "{file}"], ["--output", "{file}", "give a folder"]),
     "output-unwritable": (EDIT + ["--output", "{file}/edited"], ["--output", "{file}/edited"]),
     "requests-bad-json": (["edit", "--requests", "{bad_json}"], ["--requests", "{bad_json}"]),
+    "set-without-value": (EDIT + ["--set", "memory_beta"], ["--set", "memory_beta"]),
+    "set-unknown-field": (EDIT + ["--set", "memory=1"], ["--set", "memory"]),
+    "set-bad-value": (EDIT + ["--set", "memory_beta=-1"], ["--set", "config.memory_beta", "-1"]),
+    "eval-set-bad-value": (EVAL + ["--set", "value_norm=sometimes"], ["--set", "config.value_norm", "sometimes"]),
     "demo-layer-negative": (["demo", "--layer", "-3"], ["--layer", "-3"]),
     # eval: its data and text files, its numbers, where it writes
     "eval-data-bad-json": (["eval", "{bad_json}"], ["data", "{bad_json}"]),
