@@ -217,16 +217,28 @@ class Editor:
             for layer, sm in found.items():
                 self._solvers[layer] = self._solver_from_moment(layer, sm)
                 self._stats_source[layer] = sm.describe()
+        try:
+            self._wrap_solvers(missing)
+        except BaseException:
+            for layer in missing:  # all or none: a later call builds them again, not half-wrapped
+                self._solvers.pop(layer, None)
+                self._projectors.pop(layer, None)
+            raise
+
+    def _wrap_solvers(self, layers: List[int]) -> None:
+        """Put the edit memory and the null-space projection (as configured) around new solvers."""
         cfg = self.config
-        for layer in missing:
+        if cfg.null_space > 0:
+            lacking = [layer for layer in layers if layer not in self._projectors]
+            if lacking:
+                raise ValueError(f"config.null_space: the projection needs the statistics matrix C of layer "
+                                 f"{lacking[0]}, and stats gave {self._stats_source[lacking[0]]!r}")
+        for layer in layers:
             if cfg.memory_beta > 0:
                 memory = EditMemory(self._solvers[layer], cfg.memory_beta, cfg.memory_refactor_every)
                 memory.rebuild(self._journal_keys(layer))
                 self._solvers[layer] = memory
             if cfg.null_space > 0:
-                if layer not in self._projectors:
-                    raise ValueError(f"config.null_space: the projection needs the statistics matrix C of layer "
-                                     f"{layer}, and stats gave {self._stats_source[layer]!r}")
                 projector, rank = self._projectors.pop(layer)
                 self._solvers[layer] = ProjectedSolver(self._solvers[layer], projector, rank, cfg.null_space)
                 self._stats_source[layer] += f"; null-space projection rank {rank} of {projector.shape[0]}"
