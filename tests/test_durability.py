@@ -22,6 +22,7 @@ from fastrome import editor as editor_module
 from fastrome import sequential as sequential_module
 from fastrome import values as values_module
 from fastrome.adapter import ModelAdapter
+from fastrome.journal import factor_digest
 from fastrome.locking import FolderBusy
 from fastrome.sequential import CollapseRules, open_run, run_sequential
 from fastrome.stats import compute
@@ -149,24 +150,33 @@ def _flip_two_bytes(path):
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_factor_file_is_refused_by_name_before_the_replay(make_tiny, tmp_path):
+def _journal_of_two_edits(make_tiny, folder):
+    """Two edits recorded in the journal ``folder``, its writer closed; returns the tokenizer."""
     model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, journal=tmp_path / "j")
+    ed = editor(model, tok, journal=folder)
     run(ed, REQS[:2])
     ed.close()
-    _flip_two_bytes(tmp_path / "j" / "factors" / "000001.safetensors")
+    return tok
+
+
+def _resume_is_refused(make_tiny, tok, folder, match):
+    """Resuming ``folder`` onto a fresh base model raises ``match`` and writes nothing."""
     fresh, _ = make_tiny("llama-bytelevel", layers=3)
     before = weights(fresh)
-    with pytest.raises(ValueError, match=r"000001\.safetensors: edit 1's factors do not match their recorded sha256"):
-        editor(fresh, tok, journal=tmp_path / "j")
+    with pytest.raises(ValueError, match=match):
+        editor(fresh, tok, journal=folder)
     assert same(weights(fresh), before)
 
 
+def test_a_damaged_factor_file_is_refused_by_name_before_the_replay(make_tiny, tmp_path):
+    tok = _journal_of_two_edits(make_tiny, tmp_path / "j")
+    _flip_two_bytes(tmp_path / "j" / "factors" / "000001.safetensors")
+    _resume_is_refused(make_tiny, tok, tmp_path / "j",
+                       r"000001\.safetensors: edit 1's factors do not match their recorded sha256")
+
+
 def test_a_non_finite_factor_in_the_journal_is_refused_before_any_write(make_tiny, tmp_path):
-    model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, journal=tmp_path / "j")
-    run(ed, REQS[:2])
-    ed.close()
+    tok = _journal_of_two_edits(make_tiny, tmp_path / "j")
     # NaN written with a matching digest line: the finiteness check itself must catch it
     path = tmp_path / "j" / "factors" / "000001.safetensors"
     with safe_open(str(path), framework="pt") as f:
@@ -175,15 +185,9 @@ def test_a_non_finite_factor_in_the_journal_is_refused_before_any_write(make_tin
     save_file({"u": u, "lam": lam}, str(path))
     lines = (tmp_path / "j" / "edits.jsonl").read_text().splitlines()
     head = json.loads(lines[1])
-    from fastrome.journal import factor_digest
-
     head["factors_sha256"] = factor_digest(u, lam)
     (tmp_path / "j" / "edits.jsonl").write_text(lines[0] + "\n" + json.dumps(head) + "\n")
-    fresh, _ = make_tiny("llama-bytelevel", layers=3)
-    before = weights(fresh)
-    with pytest.raises(ValueError, match=r"000001\.safetensors: edit 1's factors are not finite"):
-        editor(fresh, tok, journal=tmp_path / "j")
-    assert same(weights(fresh), before)
+    _resume_is_refused(make_tiny, tok, tmp_path / "j", r"000001\.safetensors: edit 1's factors are not finite")
 
 
 def test_load_edits_verifies_every_factor_before_the_first_write(make_tiny, tmp_path):
