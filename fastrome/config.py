@@ -16,7 +16,8 @@ POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
 # resumed from its journal must keep them.
-LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "mpes_checks", "norm_alpha",
+LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "mpes_checks", "mpes_min_prob",
+                   "norm_alpha",
                    "value_norm", "value_norm_factor", "null_space")
 
 # Published ROME value-optimisation settings per family: steps, weight decay.
@@ -62,6 +63,9 @@ class EditConfig:
     # most-probable early stopping: stop once the new target is the teacher-forced top prediction
     # at every templated prompt for this many consecutive checks (0: off; the loss rule stays)
     mpes_checks: int = 0
+    # with mpes_checks: the target must also have at least this probability at each of those
+    # tokens (0: being on top suffices); a margin against later edits' interference
+    mpes_min_prob: float = 0.0
     v_fast: bool = True
     # statistics and solve
     stats_tokens: Optional[int] = None
@@ -128,6 +132,10 @@ class EditConfig:
             raise bad("template_seed", "an int")
         if not integer(self.mpes_checks) or self.mpes_checks < 0:
             raise bad("mpes_checks", "an int >= 0 (0: off)")
+        if not (number(self.mpes_min_prob) and 0 <= self.mpes_min_prob < 1):
+            raise bad("mpes_min_prob", "a number in [0, 1) (0: the top prediction suffices)")
+        if self.mpes_min_prob and not self.mpes_checks:
+            raise bad("mpes_min_prob", "0 unless mpes_checks > 0 (it is a condition of most-probable early stopping)")
         if not (number(self.memory_beta) and math.isfinite(self.memory_beta) and self.memory_beta >= 0):
             raise bad("memory_beta", "a finite non-negative number (0: off)")
         if not integer(self.memory_refactor_every) or self.memory_refactor_every < 1:

@@ -6,7 +6,8 @@ the essence prompt ``"{subject} is a"``. The loss is the mean over prompts of th
 NLL of the target, plus ``kl_factor``·KL(current ‖ initial) of the next-token distribution at the
 essence prompt's subject token, plus ``weight_decay``·‖δ‖/‖v_init‖². Adam (lr 0.5) runs until the
 loss drops below ``early_stop_loss``, until the target has been the top prediction at every
-templated prompt for ``mpes_checks`` consecutive checks (when set), or until the step budget is
+templated prompt (with at least ``mpes_min_prob`` probability at each target token) for
+``mpes_checks`` consecutive checks (when set), or until the step budget is
 spent; after each step δ is projected
 into the ball of radius ``clamp_norm_factor``·‖v_init‖. ``v_init`` is the MLP output at the
 unprefixed prompt.
@@ -19,6 +20,7 @@ Several requests can be optimised in one batch (:func:`optimize_values`), each w
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
@@ -195,7 +197,11 @@ def optimize_values(
             values, nlls = loss.detach().tolist(), nll.detach().tolist()
             if cfg.mpes_checks:
                 # the target is the top prediction at every one of its tokens in every templated prompt
-                missed = (logp[index.reads].detach().argmax(-1) != index.tokens).float()
+                read = logp[index.reads].detach()
+                missed = read.argmax(-1) != index.tokens
+                if cfg.mpes_min_prob:
+                    missed |= token_lp.detach() < math.log(cfg.mpes_min_prob)
+                missed = missed.float()
                 on_top = (torch.zeros(n_req, device=dev).index_add(0, index.group, missed) == 0).tolist()
             stopping = []
             for g in range(n_req):

@@ -89,3 +89,36 @@ def test_batched_requests_stop_each_on_its_own(smollm2):
 def test_mpes_checks_is_validated(bad):
     with pytest.raises(ValueError, match="config.mpes_checks"):
         EditConfig(mpes_checks=bad).validate()
+
+
+def target_probs_at(adapter, tok, layer, req, delta):
+    """The target's probability at each of its tokens in every templated prompt with ``delta``
+    added, from whole-model passes."""
+    seqs, last, reads, tgt = _request_rows(tok, req, TEMPLATES)
+    runner = FullRunner(adapter, layer, row_batch([(seqs[:-1], last[:-1], reads[:-1])]), tok.eos_token_id)
+    runner.start()
+    with torch.no_grad():
+        probs = torch.softmax(runner.logits(delta[None]), -1)
+    return probs.gather(1, torch.tensor(tgt * (len(seqs) - 1))[:, None]).squeeze(1)
+
+
+def test_a_probability_floor_stops_later_and_only_once_it_is_met(smollm2):
+    model, tok = smollm2
+    adapter = ModelAdapter(model)
+    req = parse_requests(REQS[:1])[0]
+    top = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(v_steps=25, mpes_checks=1))
+    floor = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(v_steps=25, mpes_checks=1, mpes_min_prob=0.9))
+    assert floor.stop_reason == "top" and floor.steps > top.steps, "the floor is not exercised"
+    assert floor.losses[: len(top.losses)] == top.losses  # same trajectory, a later stop
+    assert float(target_probs_at(adapter, tok, LAYER, req, floor.delta).min()) >= 0.9
+    # at the check before, some templated prompt was still under the floor
+    before = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(v_steps=floor.steps))
+    assert float(target_probs_at(adapter, tok, LAYER, req, before.delta).min()) < 0.9
+
+
+@pytest.mark.parametrize("settings", [{"mpes_min_prob": 0.5}, {"mpes_checks": 1, "mpes_min_prob": 1.0},
+                                      {"mpes_checks": 1, "mpes_min_prob": -0.1},
+                                      {"mpes_checks": 1, "mpes_min_prob": float("nan")}])
+def test_mpes_min_prob_is_validated(settings):
+    with pytest.raises(ValueError, match="config.mpes_min_prob"):
+        EditConfig(**settings).validate()
