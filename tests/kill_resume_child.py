@@ -2,9 +2,10 @@
 model saved in ``model_dir`` through the run folder ``out``, optionally killing itself (SIGKILL, no
 clean-up of any kind) at one chosen moment of the second edit, and saves the edited layer's weight.
 
-    python kill_resume_child.py MODEL_DIR OUT RECORDS_JSON CORPUS RESULT KILL_AT
+    python kill_resume_child.py MODEL_DIR OUT RECORDS_JSON CORPUS RESULT KILL_AT [SETTINGS_JSON]
 KILL_AT: none | values (during the value optimisation) | factor (factor file on disk, its
-journal line not yet) | log (journal line written, run-log line not yet).
+journal line not yet) | log (journal line written, run-log line not yet). SETTINGS_JSON: more
+EditConfig fields (e.g. the edit memory and spread); RESULT then holds every edited layer's weight.
 """
 
 from __future__ import annotations
@@ -72,17 +73,20 @@ def arm(kill_at: str) -> None:
 
 def main() -> None:
     model_dir, out, records_json, corpus, result, kill_at = sys.argv[1:7]
+    extra = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).float().eval()
     load_model(model, str(Path(model_dir) / "model.safetensors"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = json.loads(Path(records_json).read_text())
     arm(kill_at)
-    editor = open_run(model, tok, out, stats=corpus, **SETTINGS)
+    editor = open_run(model, tok, out, stats=corpus, **{**SETTINGS, **extra})
     summary = run_sequential(editor, records, out, every=100, ppl_texts=["The city is large and old."],
                              retention_sample=3, rules=CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=1e9,
                                                                      action="record"))
-    save_file({"weight": ModelAdapter(model).weight(LAYER).detach().clone()}, result)
+    adapter, spread = ModelAdapter(model), extra.get("spread", 1)
+    save_file({"weight" if layer == LAYER else f"weight{layer}": adapter.weight(layer).detach().clone()
+               for layer in range(LAYER - spread + 1, LAYER + 1)}, result)
     print(json.dumps({"applied": summary.applied, "done": [str(c) for c in editor.done_case_ids()]}))
 
 

@@ -2,7 +2,9 @@
 then a resume: the weights end bit for bit where an uninterrupted run ends, each record applied
 once and logged once. The moments: during the second edit's value optimisation (nothing of it
 written), after its factor file reached the disk but before its journal line, and after its
-journal line but before its run-log line."""
+journal line but before its run-log line. The same with the edit memory on and every edit spread
+over two layers, whose inverse is rebuilt from the journal's keys on resume: any difference in it
+would change the later edits' weights."""
 
 from __future__ import annotations
 
@@ -49,36 +51,53 @@ def inputs(tmp_path_factory):
     return root
 
 
-def child(saved_model, inputs, out, result, kill_at, cache):
+LIFELONG = {"memory_beta": 0.5, "spread": 2, "mpes_checks": 1}
+
+
+def child(saved_model, inputs, out, result, kill_at, cache, settings=None):
     env = {**os.environ, "FASTROME_CACHE": str(cache), "PYTHONPATH": str(CHILD.parent)}
     return subprocess.run(
         [sys.executable, str(CHILD), str(saved_model), str(out), str(inputs / "records.json"),
-         str(inputs / "corpus.txt"), str(result), kill_at],
+         str(inputs / "corpus.txt"), str(result), kill_at] + ([json.dumps(settings)] if settings else []),
         env=env, capture_output=True, text=True, timeout=900,
     )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(saved_model, inputs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("whole")
-    done = child(saved_model, inputs, root / "run", root / "w.safetensors", "none", root.parent / "kill-cache")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(root / "w.safetensors")["weight"], json.loads(done.stdout.strip().splitlines()[-1])
+_whole = {}
 
 
-@pytest.mark.parametrize("kill_at", ["values", "factor", "log"])
-def test_killed_run_resumes_to_the_uninterrupted_weights(saved_model, inputs, uninterrupted, tmp_path, kill_at):
-    whole, summary = uninterrupted
+def uninterrupted(saved_model, inputs, tmp_path_factory, settings):
+    """The weights and summary of the run never stopped, once per settings."""
+    name = "lifelong" if settings else "plain"
+    if name not in _whole:
+        root = tmp_path_factory.mktemp(f"whole-{name}")
+        done = child(saved_model, inputs, root / "run", root / "w.safetensors", "none",
+                     root.parent / "kill-cache", settings)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _whole[name] = load_file(root / "w.safetensors"), json.loads(done.stdout.strip().splitlines()[-1])
+    return _whole[name]
+
+
+@pytest.mark.parametrize("kill_at,settings", [("values", None), ("factor", None), ("log", None),
+                                              ("factor", LIFELONG), ("log", LIFELONG)],
+                         ids=["values", "factor", "log", "factor-memory-spread", "log-memory-spread"])
+def test_killed_run_resumes_to_the_uninterrupted_weights(saved_model, inputs, tmp_path_factory, tmp_path,
+                                                         kill_at, settings):
+    whole, summary = uninterrupted(saved_model, inputs, tmp_path_factory, settings)
     assert summary["applied"] == 3
     cache = tmp_path.parent / "kill-cache"
-    killed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", kill_at, cache)
+    killed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", kill_at, cache, settings)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (tmp_path / "w.safetensors").exists()
-    resumed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", "none", cache)
+    resumed = child(saved_model, inputs, tmp_path / "run", tmp_path / "w.safetensors", "none", cache, settings)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["done"] == summary["done"]
-    assert torch.equal(load_file(tmp_path / "w.safetensors")["weight"], whole)
+    got = load_file(tmp_path / "w.safetensors")
+    assert got.keys() == whole.keys() and all(torch.equal(got[name], whole[name]) for name in whole)
     log = [json.loads(x) for x in (tmp_path / "run" / "edits.jsonl").read_text().splitlines()]
     assert [str(e["case_id"]) for e in log] == summary["done"] and all(e["status"] == "applied" for e in log)
     journal = [json.loads(x) for x in (tmp_path / "run" / "journal" / "edits.jsonl").read_text().splitlines()]
-    assert [e["edit_id"] for e in journal] == [0, 1, 2]
+    parts = (settings or {}).get("spread", 1)
+    assert [e["edit_id"] for e in journal] == list(range(3 * parts))
+    if settings:
+        assert all(e["record"]["settings"]["memory_beta"] == settings["memory_beta"] for e in journal)
