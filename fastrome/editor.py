@@ -558,7 +558,9 @@ class Editor:
             rec.edit_id = self.journal.next_id
             self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(),
                                              key=plan.solved_key))
+            t0 = _now()
             self._remember(layer, plan.solved_key)
+            rec.seconds["memory"] = _now() - t0
         self.last = EditArtifacts(
             layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
@@ -658,10 +660,13 @@ class Editor:
                 rec.parts[i]["edit_id"] = first + i
                 self._total_ratio[part_layer] = total
             whole = rec.to_dict()
+            rec.seconds["memory"] = 0.0
             for i, (part_layer, part_plan, _) in enumerate(written):
                 self.journal.append(JournalEntry(first + i, part_layer, part_plan.u, part_plan.lam, req.to_dict(),
                                                  {**whole, "part": i}, key=part_plan.solved_key))
+                t0 = _now()
                 self._remember(part_layer, part_plan.solved_key)
+                rec.seconds["memory"] += _now() - t0
         self.last = EditArtifacts(
             layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
             v_star=vr.v_star, u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,

@@ -8,8 +8,10 @@ then nearly A-orthogonal to the earlier keys, so a new write barely moves their 
 
 ``A⁻¹`` is kept by a Sherman–Morrison update after every applied edit,
 ``A⁻¹ ← A⁻¹ − β·u uᵀ/(1 + β·uᵀk̄)`` with that edit's ``u = A⁻¹k̄``, and recomputed from the
-statistics' own inverse and all the keys (Woodbury) every ``refactor_every`` keys, so rounding
-cannot build up. The schedule depends only on the keys in order: rebuilding the memory from a
+statistics' own inverse and all the keys every ``refactor_every`` keys, so rounding cannot build
+up: by Woodbury (an n×n solve) while the n keys are fewer than half of d, then as
+``L(I + β·LᵀKᵀKL)⁻¹Lᵀ`` with ``LLᵀ`` the statistics' inverse (d×d work, flat in n), so a run of
+10,000 edits never factorises a 10,000×10,000 matrix. The schedule depends only on the keys in order: rebuilding the memory from a
 journal's keys (resume, undo) gives the inverse bit for bit, so a resumed run edits exactly as one
 never stopped.
 """
@@ -82,7 +84,7 @@ class EditMemory:
         """Remember an applied edit's key (d_in,): ``A ← A + β·kkᵀ``."""
         key = _as_key(key, self.dim)
         if (len(self.keys) + 1) % self.refactor_every == 0:
-            self.inverse = self._woodbury(self.keys + [key])
+            self.inverse = self._refactor(self.keys + [key])
         else:
             self._sherman_morrison(key)  # raises, changing nothing, if the update is refused
         self.keys.append(key)
@@ -93,7 +95,7 @@ class EditMemory:
         keys = [_as_key(k, self.dim) for k in keys]
         boundary = (len(keys) // self.refactor_every) * self.refactor_every
         self.keys = keys[:boundary]
-        self.inverse = self._woodbury(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
+        self.inverse = self._refactor(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
         for key in keys[boundary:]:
             self._sherman_morrison(key)
             self.keys.append(key)
@@ -103,6 +105,21 @@ class EditMemory:
         if not bool(ops.symmetric_rank_one_update(self.inverse, u, self.beta, denom)):
             raise ValueError(f"edit memory: 1 + β·uᵀk = {1.0 + self.beta * float(denom)!r} for a new key; A would "
                              "not stay positive definite (the key or the statistics are damaged)")
+
+    def _refactor(self, keys: List[Tensor]) -> Tensor:
+        """``(C + ridge·I + β·KᵀK)⁻¹`` for the keys K (n, d), by whichever way costs less at this n."""
+        return self._woodbury(keys) if 2 * len(keys) < self.dim else self._direct(keys)
+
+    def _direct(self, keys: List[Tensor]) -> Tensor:
+        """``(B⁻¹ + β·KᵀK)⁻¹ = L(I + β·LᵀKᵀKL)⁻¹Lᵀ`` with ``B = LLᵀ`` the statistics' own inverse:
+        two d×d Cholesky factorisations and no n×n matrix."""
+        B = self.base.inverse.to(self.device, torch.float64)
+        L = torch.linalg.cholesky(0.5 * (B + B.t()))
+        KL = torch.stack(keys).to(self.device, torch.float64) @ L  # (n, d)
+        S = self.beta * (KL.t() @ KL)
+        S.diagonal().add_(1.0)
+        out = L @ torch.cholesky_inverse(torch.linalg.cholesky(0.5 * (S + S.t()))) @ L.t()
+        return 0.5 * (out + out.t())
 
     def _woodbury(self, keys: List[Tensor]) -> Tensor:
         """``(C + ridge·I + β·KᵀK)⁻¹`` from the statistics' own inverse B and the keys K (n, d):

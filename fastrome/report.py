@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
-PHASES = ("stats", "templates", "keys", "values", "solve", "write")
+PHASES = ("stats", "templates", "keys", "values", "solve", "write", "memory")  # memory: the edit memory's update
 
 
 @dataclass
