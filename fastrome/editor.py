@@ -558,9 +558,7 @@ class Editor:
             rec.edit_id = self.journal.next_id
             self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(),
                                              key=plan.solved_key))
-            t0 = _now()
-            self._remember(layer, plan.solved_key)
-            rec.seconds["memory"] = _now() - t0
+            rec.seconds["memory"] = self._remember(layer, plan.solved_key)
         self.last = EditArtifacts(
             layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
@@ -664,9 +662,7 @@ class Editor:
             for i, (part_layer, part_plan, _) in enumerate(written):
                 self.journal.append(JournalEntry(first + i, part_layer, part_plan.u, part_plan.lam, req.to_dict(),
                                                  {**whole, "part": i}, key=part_plan.solved_key))
-                t0 = _now()
-                self._remember(part_layer, part_plan.solved_key)
-                rec.seconds["memory"] += _now() - t0
+                rec.seconds["memory"] += self._remember(part_layer, part_plan.solved_key)
         self.last = EditArtifacts(
             layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
             v_star=vr.v_star, u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
@@ -681,11 +677,15 @@ class Editor:
         self._base[layer] = weight.detach().clone()
         self.journal.note_base(layer, weight_digest(weight))
 
-    def _remember(self, layer: int, key: Tensor) -> None:
-        """An applied edit's key joins its layer's edit memory (when the memory is on)."""
+    def _remember(self, layer: int, key: Tensor) -> float:
+        """An applied edit's key joins its layer's edit memory (when the memory is on); returns the
+        seconds it took (0 without a memory)."""
         memory = self._memory(layer)
-        if memory is not None:
-            memory.add(key)
+        if memory is None:
+            return 0.0
+        t0 = _now()
+        memory.add(key)
+        return _now() - t0
 
     def _rebuild(self, layers: Iterable[int]) -> None:
         """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
