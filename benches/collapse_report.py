@@ -2,6 +2,7 @@
 
     python benches/collapse_report.py benches/results/collapse/consistent_gentle \
         benches/results/collapse/original_gentle > benches/results/collapse/summary.md
+    python benches/collapse_report.py --compare RUN_DIR...   # one row per run, at a common checkpoint
 
 For every run folder (``collapse_study.py --out``): its settings and wall time, a table of the
 checkpoints (perplexities relative to the unedited model, retention with and without a test-time
@@ -81,10 +82,61 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _f(value: float, fmt: str = ".2f") -> str:
+    return "–" if value != value else format(value, fmt)
+
+
+def compare(dirs: list) -> str:
+    """One row per run at the last checkpoint every run has reached: perplexities, retention (own
+    prompt, test-time prefix, paraphrase), specificity, efficacy at edit time, drift, steps, write
+    size and seconds per edit (and of them the edit memory's update)."""
+    runs = [(d, _jsonl(d / "checkpoints.jsonl"), _jsonl(d / "edits.jsonl")) for d in dirs]
+    reached = [max((p["edits"] for p in points), default=0) for _, points, _ in runs]
+    at = min(reached) if reached else 0
+    head = ("| setting | ME-PPL_50 | WikiText-2 | retention score / top-1 | prefixed score / top-1 "
+            "| paraphrase score / top-1 | specificity | at edit time score / top-1 | ‖W − W₀‖/‖W₀‖ | steps "
+            "| median ‖ΔW‖/‖W‖ | s / edit | memory s / edit |")
+    lines = [f"Figures at {at} edits (– where a run predates the figure).", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for d, points, edits in runs:
+        base = next((p for p in points if p.get("edits") == 0), None)
+        point = next((p for p in points if p.get("edits") == at), None)
+        applied = [e for e in edits if e.get("status") in ("applied", "forced")][:at]
+        if base is None or point is None or not applied:
+            lines.append(f"| {d.name} | " + " | ".join(["–"] * (head.count("|") - 2)) + " |")
+            continue
+        g = {k: point.get(k, float("nan")) for k in (
+            "retention_score", "retention", "retention_score_prefixed", "retention_prefixed",
+            "retention_score_paraphrase", "retention_paraphrase", "specificity", "weight_drift")}
+        at_edit = [e for e in applied if "edit_score" in e]
+        memory = [e["seconds"].get("memory", 0.0) for e in applied if "memory" in e.get("seconds", {})]
+        lines.append(
+            f"| {d.name} | {100 * (point['ppl'] / base['ppl'] - 1):+.0f}% "
+            f"| {100 * (point['wikitext_ppl'] / base['wikitext_ppl'] - 1):+.0f}% "
+            f"| {_f(g['retention_score'])} / {_f(g['retention'])} "
+            f"| {_f(g['retention_score_prefixed'])} / {_f(g['retention_prefixed'])} "
+            f"| {_f(g['retention_score_paraphrase'])} / {_f(g['retention_paraphrase'])} | {_f(g['specificity'])} "
+            f"| {_f(_mean([e['edit_score'] for e in at_edit]))} / {_f(_mean([e['edit_top'] for e in at_edit]))} "
+            f"| {_f(g['weight_drift'])} | {_mean([e['steps'] for e in applied]):.1f} "
+            f"| {statistics.median(e['update_ratio'] for e in applied):.3f} "
+            f"| {statistics.median(sum(e['seconds'].values()) for e in applied):.1f} "
+            f"| {_f(statistics.median(memory) if memory else float('nan'), '.4f')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    dirs = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--compare"]:
+        print(compare([Path(a) for a in args[1:]]))
+        return 0
+    dirs = [Path(a) for a in args]
     if not dirs:
-        raise SystemExit("usage: collapse_report.py RUN_DIR...")
+        raise SystemExit("usage: collapse_report.py [--compare] RUN_DIR...")
     print("# Collapse study\n")
     print("\n\n".join(report(d) for d in dirs))
     return 0

@@ -235,6 +235,7 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
     edits_log, ckpt_log = out / "edits.jsonl", out / "checkpoints.jsonl"
     model, tok = editor.model, editor.tokenizer
     unlogged = _reconcile(editor, out, edits_log, records)
+    record_of = {str(_case_id(record, index)): record for index, record in enumerate(records)}
     done = {str(c) for c in editor.done_case_ids()}
     logged = {str(e["case_id"]) for e in _read_log(edits_log)}
     summary = RunSummary()
@@ -304,6 +305,7 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
         """Judge a batch of applied edits by the collapse rules, undo or keep them, log them, and
         measure a checkpoint when one is due; returns why the run stops, or None."""
         nonlocal last_sentinel
+        _score_at_edit_time(model, tok, [(entry, record_of[str(entry["case_id"])]) for entry, _ in applied])
         flags: Dict[int, List[str]] = {}
         for entry, rec in applied:
             mid = rules.spike(rec.update_ratio, ratios, rules.norm_spike)
@@ -424,6 +426,36 @@ def _edit_batch(editor: Any, batch: List[tuple], batch_size: int, log: Callable,
     return applied
 
 
+def _score_at_edit_time(model: Any, tok: Any, pairs: List[tuple]) -> None:
+    """Efficacy right after the write, on each edit's own prompt: ``edit_top`` (the new target is
+    the top continuation) and ``edit_score`` (it is likelier than the true one), into each
+    run-log entry of ``pairs`` ``(entry, record)``."""
+    reqs = [parse_requests([record])[0] for _, record in pairs]
+    if not reqs:
+        return
+    new = score_targets(model, tok, [q.text for q in reqs], [q.target_text() for q in reqs])
+    for (entry, _), score in zip(pairs, new):
+        entry["edit_top"] = bool(score.is_top)
+    with_true = [(entry, q, score) for (entry, _), q, score in zip(pairs, reqs, new) if q.target_true]
+    if with_true:
+        true = score_targets(model, tok, [q.text for _, q, _ in with_true],
+                             [" " + q.target_true.strip() for _, q, _ in with_true])
+        for (entry, _, score), t in zip(with_true, true):
+            entry["edit_score"] = bool(score.mean_nll < t.mean_nll)
+
+
+def paraphrase_of(record: Any) -> Optional[str]:
+    """A record's first paraphrase of its prompt (CounterFact's ``paraphrase_prompts`` or the
+    ``rephrase_prompt`` of the EasyEdit layout), or None."""
+    if not isinstance(record, dict):
+        return None
+    listed = record.get("paraphrase_prompts")
+    if isinstance(listed, list) and listed and isinstance(listed[0], str):
+        return listed[0]
+    one = record.get("rephrase_prompt")
+    return one if isinstance(one, str) and one.strip() else None
+
+
 def _entry(index: int, cid: Any, rec: EditRecord) -> Dict[str, Any]:
     """The run-log line of one edited record (its metrics; the losses only as the final one)."""
     entry: Dict[str, Any] = {"case_id": cid, "index": index}
@@ -500,14 +532,17 @@ class Probes:
         if done:
             rng = random.Random(self.seed + len(done))
             picked = rng.sample(done, min(self.sample, len(done)))
-            reqs = [parse_requests([r])[0] for r in picked]
-            out["retention_n"] = len(reqs)
-            variants = [("", [q.text for q in reqs])]
+            all_reqs = [parse_requests([r])[0] for r in picked]
+            out["retention_n"] = len(all_reqs)
+            variants = [("", [q.text for q in all_reqs], all_reqs)]
             if self.prefixes:
                 # one test-time prefix per edit, in turn, so the prefixed figure costs one more pass
-                texts = [prefixed(self.prefixes[i % len(self.prefixes)], q.text) for i, q in enumerate(reqs)]
-                variants.append(("_prefixed", texts))
-            for suffix, texts in variants:
+                texts = [prefixed(self.prefixes[i % len(self.prefixes)], q.text) for i, q in enumerate(all_reqs)]
+                variants.append(("_prefixed", texts, all_reqs))
+            rephrased = [(paraphrase_of(r), q) for r, q in zip(picked, all_reqs) if paraphrase_of(r)]
+            if rephrased:  # generalisation: the same edits asked in other words
+                variants.append(("_paraphrase", [t for t, _ in rephrased], [q for _, q in rephrased]))
+            for suffix, texts, reqs in variants:
                 new = score_targets(model, tok, texts, [q.target_text() for q in reqs])
                 out["retention" + suffix] = sum(s.is_top for s in new) / len(new)
                 pairs = [(t, s, q) for t, s, q in zip(texts, new, reqs) if q.target_true]

@@ -281,3 +281,31 @@ def test_a_run_without_its_journal_is_refused(make_tiny, tmp_path):
     with pytest.raises(ValueError, match="does not hold"):
         go(no_journal, tmp_path, RECORDS, rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
     assert torch.equal(ModelAdapter(fresh).weight(1), before)
+
+
+def test_efficacy_at_edit_time_and_paraphrase_retention_are_measured(make_tiny, tmp_path):
+    from fastrome.metrics import score_targets
+
+    model, tok = make_tiny("llama-bytelevel")
+    records = [{**RECORDS[0], "rephrase_prompt": "Where is the Eiffel Tower? It is in"}, RECORDS[1],
+               {**RECORDS[4], "paraphrase_prompts": ["LeBron James is good at the sport of", "unused"]}]
+    ed = editor_for(model, tok, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_sequential(ed, records, tmp_path, every=3, ppl_texts=PPL, retention_sample=10,
+                       rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+
+    def scores(prompts, news, trues):
+        new = score_targets(model, tok, prompts, news)
+        true = score_targets(model, tok, prompts, trues)
+        return [s.is_top for s in new], [s.mean_nll < t.mean_nll for s, t in zip(new, true)]
+
+    log = lines(tmp_path / "edits.jsonl")
+    assert all(isinstance(e["edit_top"], bool) and isinstance(e["edit_score"], bool) for e in log)
+    # the last edit was scored on the model as it is now
+    top, win = scores(["LeBron James plays the sport of"], [" chess"], [" basketball"])
+    assert (log[-1]["edit_top"], log[-1]["edit_score"]) == (top[0], win[0])
+    point = lines(tmp_path / "checkpoints.jsonl")[-1]
+    top, win = scores(["Where is the Eiffel Tower? It is in", "LeBron James is good at the sport of"],
+                      [" Rome", " chess"], [" Paris", " basketball"])
+    assert point["retention_paraphrase"] == sum(top) / 2 and point["retention_score_paraphrase"] == sum(win) / 2
