@@ -81,7 +81,9 @@ def _reset(adapter, layer, base):
 
 
 IMPLS = ["reference (original)", "reference (consistent)", "fastrome", "fastrome whole-model steps",
-         "fastrome batched"]
+         "fastrome batched", "fastrome memory+MPES"]
+# lifelong-editing settings timed beside the plain edit (the memory's update is its own phase)
+SETTINGS = {"fastrome memory+MPES": dict(memory_beta=0.02, mpes_checks=2)}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -107,7 +109,7 @@ def test_edit(timed, benchmark, setup, impl):
     else:
         batch = len(reqs) if impl.endswith("batched") else 1
         ed = Editor(model, tok, stats={layer: C}, layer=layer, policy="force", progress=False,
-                    v_fast=not impl.endswith("whole-model steps"), cache_dir=False)
+                    v_fast=not impl.endswith("whole-model steps"), cache_dir=False, **SETTINGS.get(impl, {}))
         ed._templates = list(templates)
         ed.solver(layer)
 
