@@ -1,7 +1,8 @@
-"""Thousands of sequential edits on SmolLM2 over CounterFact dev records, in one key mode.
+"""Thousands of sequential edits on SmolLM2 over CounterFact dev records (or zsRE), in one key mode.
 
     python benches/collapse_study.py --mode consistent --edits 1000 --out benches/results/collapse/consistent
     python benches/collapse_study.py --mode original --edits 1000 --out benches/results/collapse/original
+    python benches/collapse_study.py --dataset zsre --edits 1000 --out benches/results/lifelong/zsre
 
 Every record goes through :func:`fastrome.sequential.run_sequential` (collapse rules on ``record``:
 flagged, never rescued, so the curves show what the mode does). Every ``--every`` edits it measures
@@ -32,6 +33,23 @@ def wikitext_paragraphs(path: Path, n: int, seed: int = 0) -> list:
     return random.Random(seed).sample(paras, min(n, len(paras)))
 
 
+def zsre_cases(path: Path, start: int, n: int) -> list:
+    """The good zsRE cases among records ``start`` … ``start + n − 1`` of the MEND-prepared file."""
+    from fastrome.evaluation.zsre import load_zsre
+
+    return [c for c in load_zsre(path, limit=start + n) if c.case_id >= start]
+
+
+def zsre_record(case) -> dict:
+    """A zsRE case as a run record: its edit, paraphrase and locality question (``loc + "?"``)."""
+    from fastrome.evaluation.zsre import loc_prompt
+
+    q = case.request
+    return {"case_id": case.case_id, "prompt": q.prompt, "subject": q.subject, "target_new": q.target_new,
+            "target_true": q.target_true, "rephrase_prompt": case.rephrase,
+            "locality_prompt": loc_prompt(case.loc), "locality_ground_truth": case.loc_ans}
+
+
 def parse_overrides(items: list) -> dict:
     """``["v_weight_decay=0.5", ...]`` -> ``{"v_weight_decay": 0.5}``: values are read as JSON (numbers,
     ``true``/``false``), anything else as a string; the Editor checks the names and the values."""
@@ -51,6 +69,9 @@ def parse_overrides(items: list) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("consistent", "original", "prompt"), default="consistent")
+    ap.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact",
+                    help="CounterFact dev records, or the zsRE file (then every checkpoint also scores zsRE's "
+                         "token accuracy on the sampled edits: zsre.jsonl)")
     ap.add_argument("--edits", type=int, default=1000, help="records to take from CounterFact dev")
     ap.add_argument("--start", type=int, default=0, help="index of the first record")
     ap.add_argument("--out", required=True)
@@ -79,8 +100,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = json.loads((DATA / "counterfact" / "counterfact_dev.json").read_text())
-    records = records[args.start : args.start + args.edits]
+    cases = None
+    if args.dataset == "zsre":
+        cases = zsre_cases(DATA / "zsre" / "zsre_mend_train-1k.json", args.start, args.edits)
+        records = [zsre_record(c) for c in cases]
+    else:
+        records = json.loads((DATA / "counterfact" / "counterfact_dev.json").read_text())
+        records = records[args.start : args.start + args.edits]
     ppl = [r["Text"] for r in json.loads((DATA / "me_ppl" / "ME-PPL_50.json").read_text())]
     wiki = wikitext_paragraphs(DATA / "corpus" / "wiki.test.raw", args.wikitext)
     full = json.loads((DATA / "counterfact" / "counterfact_full_dev.json").read_text())
@@ -110,12 +136,40 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out}: this run is in mode {run['mode']!r}, not {args.mode!r}")
     if run.get("sessions") and run.get("overrides", {}) != overrides:
         raise SystemExit(f"{out}: this run was made with --set {run.get('overrides', {})!r}, not {overrides!r}")
-    run.update(mode=args.mode, overrides=overrides, records=len(records), start=args.start, every=args.every,
+    if run.get("sessions") and run.get("dataset", "counterfact") != args.dataset:
+        raise SystemExit(f"{out}: this run is on {run.get('dataset', 'counterfact')}, not {args.dataset}")
+    run.update(mode=args.mode, dataset=args.dataset, overrides=overrides, records=len(records), start=args.start, every=args.every,
                batch_size=args.batch_size,
                layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
     t0 = time.perf_counter()
 
+    zsre_log = out / "zsre.jsonl"
+
+    def score_zsre(point):
+        """zsRE token accuracy on a sample of the edits so far, and specificity against the
+        unedited model's (measured once, before the first edit, on the same questions)."""
+        from fastrome.evaluation.zsre import evaluate_zsre_case
+
+        done = {str(c) for c in editor.done_case_ids()}
+        ids = [c for c in cases if str(c.case_id) in done]
+        picked = random.Random(len(ids)).sample(ids, min(args.retention_sample, len(ids)))
+        rows = [evaluate_zsre_case(model, tok, c) for c in picked]
+        row = {"edits": point.get("edits", 0), "n": len(rows)}
+        for name in ("efficacy", "paraphrase", "specificity"):
+            row[name] = sum(r[name] for r in rows) / len(rows) if rows else None
+        with open(zsre_log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    if cases is not None and not zsre_log.is_file():
+        from fastrome.evaluation.zsre import evaluate_zsre_case
+
+        base = [evaluate_zsre_case(model, tok, c)["specificity"] for c in cases]
+        zsre_log.write_text(json.dumps({"edits": 0, "n": len(base), "specificity": sum(base) / len(base)}) + "\n")
+
     def save(point=None):
+        if point is not None and cases is not None:
+            point = {**point, **{f"zsre_{k}": v for k, v in score_zsre(point).items() if k not in ("edits", "n")}}
         session["seconds"] = time.perf_counter() - t0
         session["edits_after"] = len(editor.done_case_ids())
         run["sessions"] = [s for s in run["sessions"] if s.get("started") != session["started"]] + [session]
