@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The lifelong-editing runs (SmolLM2-135M fp32, CPU), by name; each is resumable: run the same line
+# again after an interruption and it goes on from its journal. From the repository root:
+#   bash benches/lifelong_runs.sh NAME [EDITS]        # e.g. bash benches/lifelong_runs.sh memory 500
+#   bash benches/lifelong_runs.sh --list
+# Results go to benches/results/lifelong/<EDITS>/<NAME>; compare them with
+#   python benches/collapse_report.py --compare benches/results/lifelong/500/*
+# Two runs may share the 2-core machine (THREADS=1 each); seconds per edit then compare only
+# between runs that shared it the same way.
+set -euo pipefail
+declare -A SETTINGS=(
+  [classic]="--set memory_beta=0 --set mpes_checks=0"               # one-shot ROME, each edit alone
+  [memory]="--set memory_beta=0.02"
+  [mpes]="--set mpes_checks=2"
+  [value-norm]="--set value_norm=cap --set value_norm_factor=2"
+  [memory+mpes]="--set memory_beta=0.02 --set mpes_checks=2"
+  [memory+mpes+spread]="--set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
+  [memory+spread]="--set memory_beta=0.02 --set spread=4"
+  [null-space+memory]="--set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection, exact at the key
+  [original]="--mode original"
+)
+if [[ "${1:-}" == "--list" || $# -lt 1 ]]; then
+  for name in "${!SETTINGS[@]}"; do echo "$name: ${SETTINGS[$name]:-(defaults)}"; done | sort
+  exit 0
+fi
+name=$1 edits=${2:-500} dataset=${DATASET:-counterfact}
+[[ -v "SETTINGS[$name]" ]] || { echo "unknown run '$name' (--list shows them)" >&2; exit 2; }
+root=benches/results/lifelong/$edits
+[[ "$dataset" == counterfact ]] || root=benches/results/lifelong/$dataset-$edits
+# shellcheck disable=SC2086
+exec "${PYTHON:-python}" benches/collapse_study.py --dataset "$dataset" --edits "$edits" --every "${EVERY:-50}" \
+  --retention-sample "${SAMPLE:-200}" --threads "${THREADS:-1}" --stats-tokens 1000000 \
+  ${SETTINGS[$name]} --out "$root/$name"
