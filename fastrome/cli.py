@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from fastrome.config import MODES
+
 DEMO_REQUESTS: List[Dict[str, Any]] = [
     {
         "prompt": "The Eiffel Tower is located in the city of",
@@ -700,7 +702,8 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=("consistent", "original", "prompt"), default=None)
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="keys of the update (dual: exact at the prefixed mean and the unprefixed key)")
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: the model's measured layer)")
     p.add_argument("--spread", type=int, default=None,
                    help="share each edit among this many layers ending at --layer (default 1)")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-MODES = ("consistent", "original", "prompt")
+MODES = ("consistent", "original", "prompt", "dual")
 POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
@@ -32,7 +32,8 @@ class EditConfig:
     """How an edit is computed and when it is refused.
 
     Algorithm (DESIGN §1): ``mode`` chooses the keys (``consistent``: prefixed mean key everywhere;
-    ``original``: the published code's mixed keys; ``prompt``: the unprefixed key everywhere).
+    ``original``: the published code's mixed keys; ``prompt``: the unprefixed key everywhere;
+    ``dual``: exact at both the prefixed mean key and the unprefixed key, see :mod:`fastrome.update`).
     ``template_lengths`` lists (tokens, count) pairs of generated context prefixes. ``v_fast``
     lets the value optimisation run only the layers above the edited one on the tokens from the
     subject's last token on (:mod:`fastrome.runners`; same result up to rounding, checked on first
@@ -113,6 +114,9 @@ class EditConfig:
 
         if self.mode not in MODES:
             raise bad("mode", f"one of {MODES}")
+        if self.mode == "dual" and isinstance(self.spread, int) and self.spread > 1:
+            raise bad("mode", "'consistent', 'original' or 'prompt' with spread > 1 (a spread edit writes one "
+                      "residual-stream change per layer at one key)")
         if self.policy not in POLICIES:
             raise bad("policy", f"one of {POLICIES}")
         if self.layer is not None and not integer(self.layer):

@@ -258,7 +258,7 @@ class Editor:
                     raise ValueError(f"config.memory_beta: edit {e.edit_id} in the journal has no key (written "
                                      "before keys were kept), so the edit memory cannot be rebuilt; resume it "
                                      "with memory_beta=0")
-                keys.append(e.key)
+                keys.extend(e.key.reshape(-1, e.key.shape[-1]))
         return keys
 
     @contextmanager
@@ -684,7 +684,8 @@ class Editor:
         if memory is None:
             return 0.0
         t0 = _now()
-        memory.add(key)
+        for row in key.reshape(-1, key.shape[-1]):  # the dual mode solves for (and keeps) two keys
+            memory.add(row)
         return _now() - t0
 
     def _rebuild(self, layers: Iterable[int]) -> None:

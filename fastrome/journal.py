@@ -53,7 +53,8 @@ class JournalEntry:
         layer: edited layer.
         u: (d_in,) float32 left vector, on the CPU.
         lam: (d_out,) float32 right vector Λ, on the CPU.
-        key: (d_in,) float32 key the edit was solved for (k̄ in the consistent mode), on the CPU:
+        key: (d_in,) float32 key the edit was solved for (k̄ in the consistent mode; (2, d_in), k̄ and
+            k_u, in the dual mode), on the CPU:
             the edit memory is rebuilt from these on resume and undo. None in journals written
             before keys were kept.
         request: the request as a dict (``EditRequest.to_dict()``).

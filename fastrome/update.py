@@ -3,6 +3,11 @@
 ``consistent``: u = C⁻¹k̄, Λ = (v* − (Wk̄ + b)) / (uᵀk̄).
 ``original``:   u = C⁻¹k̄, Λ = (v* − (Wk_u + b)) / (uᵀk_u)   (the published code's mixed keys).
 ``prompt``:     u = C⁻¹k_u, Λ = (v* − (Wk_u + b)) / (uᵀk_u).
+``dual``:       u = C⁻¹K(KᵀC⁻¹K)⁻¹1 for K = [k̄, k_u], so uᵀk̄ = uᵀk_u = 1 with the least uᵀCu;
+                Λ = v* − (Wk_u + b). The unprefixed prompt gets v* exactly and the prefixed ones
+                (keys near k̄) their own value plus about δ, as in the value optimisation; the
+                consistent form is exact at k̄ alone and gives k_u only (uᵀk_u/uᵀk̄)·Λ, which is far
+                from 1 when the subject opens the prompt.
 The numerator's current output is computed from the weight in fp32 (its master copy for bf16/fp16
 weights) rather than read from a forward pass, so it matches the matrix the update is added to and
 ``W'k = v*`` holds to fp32 precision afterwards.
@@ -11,7 +16,7 @@ weights) rather than read from a forward pass, so it matches the matrix the upda
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,7 +33,8 @@ class UpdatePlan:
     u: Tensor  # (d_in,)
     lam: Tensor  # (d_out,)
     key: Tensor  # (d_in,) the key of the denominator and numerator
-    solved_key: Tensor  # (d_in,) the key u was solved for (u = C⁻¹·solved_key): what an edit memory keeps
+    solved_key: Tensor  # (d_in,) the key u was solved for (u = C⁻¹·solved_key), (2, d_in) k̄ and k_u in the
+    # dual mode: what an edit memory keeps
     denom: float  # uᵀkey
     update_norm: float  # ‖Λ uᵀ‖_F = ‖Λ‖·‖u‖
     weight_norm: float  # ‖W‖_F before the update
@@ -71,12 +77,17 @@ def plan(
         raise ValueError("plan: give exactly one of v_star and change")
     device = weight32.device
     k_mean, k_plain = (t.to(device=device, dtype=torch.float32) for t in (k_mean, k_plain))
-    key = k_plain if mode == "prompt" else k_mean
+    key = k_plain if mode in ("prompt", "dual") else k_mean
     solved_key = key
-    u, denom_t = solver.solve(key)
-    # u = C⁻¹k for the solved key k, so uᵀCu = kᵀu; with an edit memory (u = A⁻¹k) kᵀu is uᵀAu, the
-    # ordinary-text figure plus β·Σ(kᵢᵀu)² over the remembered keys: an upper bound of it
-    quad = float(denom_t)
+    if mode == "dual":
+        u, quad = _two_key_left_vector(solver, k_mean, k_plain)
+        solved_key = torch.stack([k_mean, k_plain])
+        denom_t = (u * k_plain.to(torch.float64)).sum()
+    else:
+        u, denom_t = solver.solve(key)
+        # u = C⁻¹k for the solved key k, so uᵀCu = kᵀu; with an edit memory (u = A⁻¹k) kᵀu is uᵀAu, the
+        # ordinary-text figure plus β·Σ(kᵢᵀu)² over the remembered keys: an upper bound of it
+        quad = float(denom_t)
     if mode == "original":
         key = k_plain
         denom_t = (u.to(torch.float64) * k_plain.to(torch.float64)).sum()
@@ -93,6 +104,23 @@ def plan(
     interference = float(lam.double().square().sum()) * quad
     return UpdatePlan(u=u, lam=lam, key=key, solved_key=solved_key, denom=denom, update_norm=update_norm,
                       weight_norm=weight_norm, interference=interference)
+
+
+def _two_key_left_vector(solver: "CovarianceSolver | EditMemory", k_mean: Tensor, k_plain: Tensor) -> Tuple[Tensor, float]:
+    """``(u, uᵀAu)``: the u of least uᵀAu with ``uᵀk̄ = uᵀk_u = 1`` (A: the solver's matrix), fp64.
+
+    With ``U = A⁻¹K`` (rows, from the solver, so an edit memory or a projection applies) and
+    ``G = UKᵀ``, ``u = Uᵀc`` for ``Gᵀc = 1``; then ``uᵀAu = cᵀGc = Σc``. Two keys that (nearly)
+    coincide make G singular: one constraint is then the other, and u is the one-key solution."""
+    K = torch.stack([k_mean, k_plain])
+    U, _ = solver.solve(K)
+    U64, K64 = U.to(torch.float64), K.to(device=U.device, dtype=torch.float64)
+    G = U64 @ K64.t()
+    det = float(G[0, 0] * G[1, 1] - G[0, 1] * G[1, 0])
+    if not det > 1e-9 * abs(float(G[0, 0] * G[1, 1])):
+        return U64[0] / G[0, 0], 1.0 / float(G[0, 0])
+    c = torch.linalg.solve(G.t(), torch.ones(2, dtype=torch.float64, device=G.device))
+    return c @ U64, float(c.sum())
 
 
 def write(weight: Tensor, p: UpdatePlan, min_denom: float, master: Optional[Tensor]) -> bool:

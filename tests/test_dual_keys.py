@@ -1,0 +1,114 @@
+"""The dual mode: one rank-one write exact at both the prefixed mean key k̄ and the unprefixed key
+k_u (u = A⁻¹K(KᵀA⁻¹K)⁻¹1, Λ = v* − (Wk_u + b)), with the least uᵀAu of all such u; its two keys in
+the journal and in the edit memory."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastrome import Editor, EditConfig
+from fastrome.adapter import ModelAdapter
+from fastrome.memory import EditMemory
+from fastrome.solver import CovarianceSolver
+from fastrome.update import _two_key_left_vector, plan
+
+REQS = [
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "case_id": 1},
+    {"prompt": "{} was painted by", "subject": "The Mona Lisa", "target_new": "Pablo Picasso", "case_id": 2},
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "chess", "case_id": 3},
+]
+FAST = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, layer=1)
+
+
+def spd(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / a.shape[1] + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d", [2, 17, 64])
+def test_the_left_vector_meets_both_keys_with_the_least_energy(d):
+    C = spd(d, d)
+    solver = CovarianceSolver(C, ridge=1e-3)
+    A = C + 1e-3 * torch.eye(d, dtype=torch.float64)
+    g = torch.Generator().manual_seed(d)
+    k_mean, k_plain = torch.randn(2, d, generator=g)
+    u, quad = _two_key_left_vector(solver, k_mean, k_plain)
+    K = torch.stack([k_mean, k_plain]).double()
+    # the closed form in fp64
+    want = torch.linalg.solve(A, K.T) @ torch.linalg.solve(K @ torch.linalg.solve(A, K.T), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(u, want, rtol=1e-6, atol=1e-8)  # the solve runs in the key's fp32
+    torch.testing.assert_close(K @ u, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert quad == pytest.approx(float(u @ A @ u), rel=1e-6)
+    if d > 2:  # any other u meeting both constraints costs more energy
+        for seed in range(5):
+            z = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            z -= K.T @ torch.linalg.solve(K @ K.T, K @ z)  # keep K z = 0
+            assert float((u + 0.1 * z) @ A @ (u + 0.1 * z)) > quad
+
+
+def test_coinciding_keys_give_the_one_key_solution():
+    d = 9
+    solver = CovarianceSolver(spd(d, 1))
+    k = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    u, quad = _two_key_left_vector(solver, k, k.clone())
+    one, denom = solver.solve(k)
+    torch.testing.assert_close(u, one.double() / float(denom), rtol=1e-6, atol=1e-9)
+    assert quad == pytest.approx(1.0 / float(denom))
+
+
+def test_the_plan_writes_v_star_at_the_unprefixed_key_and_the_same_change_at_the_mean():
+    d_in, d_out = 23, 11
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(d_out, d_in, generator=g)
+    b = torch.randn(d_out, generator=g)
+    k_mean, k_plain = torch.randn(2, d_in, generator=g)
+    v_star = torch.randn(d_out, generator=g)
+    p = plan("dual", CovarianceSolver(spd(d_in, 2)), W, b, k_mean, k_plain, v_star)
+    W2 = W.double() + torch.outer(p.lam.double(), p.u.double())
+    torch.testing.assert_close(W2 @ k_plain.double() + b.double(), v_star.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(W2 @ k_mean.double() - W.double() @ k_mean.double(), p.lam.double(), rtol=1e-5, atol=1e-5)
+    assert p.solved_key.shape == (2, d_in) and p.denom == pytest.approx(1.0, abs=1e-6)
+
+
+def editor(model, tok, **kw):
+    adapter = ModelAdapter(model)
+    stats = {layer: spd(adapter.d_in, layer).float() for layer in range(adapter.n_layers)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Editor(model, tok, stats=stats, **{**FAST, **kw})
+
+
+def test_the_editor_keeps_both_keys_in_the_journal_and_the_memory(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, journal=tmp_path / "j")
+    ed.edit(REQS)
+    art = ed.last
+    assert all(e.key.shape == (2, ed.adapter.d_in) for e in ed.journal)
+    # the last write is exact at its unprefixed key: W'k_u + b = v*
+    w = ed.adapter.weight(1).detach().double()
+    torch.testing.assert_close((w @ art.k_plain.double()).float(), art.v_star.float(), rtol=1e-4, atol=1e-4)
+    mem = ed.solver(1)
+    assert isinstance(mem, EditMemory) and len(mem.keys) == 6
+    rows = [row for e in ed.journal for row in e.key]
+    fresh = EditMemory(mem.base, 2.0, 2)
+    for row in rows:
+        fresh.add(row)
+    assert torch.equal(mem.inverse, fresh.inverse)
+    # undo takes both keys of the edit out; a resumed editor rebuilds the same memory
+    ed.undo(ed.journal.entries[1].edit_id)
+    assert len(mem.keys) == 4
+    before = [x.clone() for x in (ed.adapter.weight(1).detach(), mem.inverse)]
+    ed.close()
+    fresh_model, _ = make_tiny("llama-bytelevel", layers=3)
+    resumed = editor(fresh_model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, journal=tmp_path / "j")
+    assert torch.equal(resumed.adapter.weight(1).detach(), before[0])
+    assert torch.equal(resumed.solver(1).inverse, before[1])
+
+
+def test_dual_with_spread_is_refused():
+    with pytest.raises(ValueError, match="config.mode"):
+        EditConfig(mode="dual", spread=2).validate()
