@@ -68,7 +68,7 @@ def parse_overrides(items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("consistent", "original", "prompt"), default="consistent")
+    ap.add_argument("--mode", choices=("consistent", "original", "prompt", "dual"), default="consistent")
     ap.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact",
                     help="CounterFact dev records, or the zsRE file (then every checkpoint also scores zsRE's "
                          "token accuracy on the sampled edits: zsre.jsonl)")

@@ -16,6 +16,8 @@ declare -A SETTINGS=(
   [memory+mpes]="--set memory_beta=0.02 --set mpes_checks=2"
   [memory+mpes-p50]="--set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
   [memory+mpes-p50+spread]="--set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5 --set spread=4"
+  [memory+mpes+dual]="--mode dual --set memory_beta=0.02 --set mpes_checks=2"
+  [memory+mpes-p50+dual]="--mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
   [memory+mpes+spread]="--set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
   [memory+spread]="--set memory_beta=0.02 --set spread=4"
   [null-space+memory]="--set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection, exact at the key
