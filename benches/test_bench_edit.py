@@ -81,9 +81,9 @@ def _reset(adapter, layer, base):
 
 
 IMPLS = ["reference (original)", "reference (consistent)", "fastrome", "fastrome whole-model steps",
-         "fastrome batched", "fastrome memory+MPES"]
+         "fastrome batched", "fastrome dual+memory+MPES"]
 # lifelong-editing settings timed beside the plain edit (the memory's update is its own phase)
-SETTINGS = {"fastrome memory+MPES": dict(memory_beta=0.02, mpes_checks=2)}
+SETTINGS = {"fastrome dual+memory+MPES": dict(mode="dual", memory_beta=0.02, mpes_checks=2)}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
