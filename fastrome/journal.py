@@ -196,7 +196,9 @@ class Journal:
             if not line.strip():
                 continue
             try:
-                self.entries.append(self._read_entry(json.loads(line)))
+                entry = self._read_entry(json.loads(line))
+                self.entries.append(entry)
+                self._next_id = max(self._next_id, entry.edit_id + 1)
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"journal: {lines_path} line {n} is damaged ({exc})") from None
         if torn:
@@ -291,7 +293,7 @@ class Journal:
 
     @property
     def next_id(self) -> int:
-        return max([self._next_id] + [e.edit_id + 1 for e in self.entries])
+        return self._next_id  # kept past every id recorded or loaded: O(1) per edit in long runs
 
     def __len__(self) -> int:
         return len(self.entries)
