@@ -162,3 +162,23 @@ def test_journal_drops_an_unfinished_last_line_and_rejects_damage(make_tiny, tmp
     (folder / "factors" / "000001.safetensors").unlink()
     with pytest.raises(ValueError, match="edit 1's factors"):
         Journal(folder)
+
+
+def test_ids_of_removed_edits_are_not_handed_out_again_after_a_reload(tmp_path):
+    from fastrome.journal import JournalEntry
+
+    def entry(i):
+        return JournalEntry(i, 1, torch.ones(3) * i, torch.ones(2), {"case_id": i}, {})
+
+    j = Journal(tmp_path / "j")
+    for i in range(3):
+        j.append(entry(i))
+    assert j.next_id == 3
+    j.close()
+    # journal.json was last written before these appends: the loaded lines alone say what is taken
+    j = Journal(tmp_path / "j")
+    assert j.next_id == 3
+    j.remove([2])
+    assert j.next_id == 3
+    j.close()
+    assert Journal.read(tmp_path / "j").next_id == 3
