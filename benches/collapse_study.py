@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out}: this run was made with --set {run.get('overrides', {})!r}, not {overrides!r}")
     if run.get("sessions") and run.get("dataset", "counterfact") != args.dataset:
         raise SystemExit(f"{out}: this run is on {run.get('dataset', 'counterfact')}, not {args.dataset}")
-    run.update(mode=args.mode, dataset=args.dataset, overrides=overrides, records=len(records), start=args.start, every=args.every,
+    run.update(mode=args.mode, dataset=args.dataset, overrides=overrides, records=len(records), start=args.start,
+               every=args.every,
                batch_size=args.batch_size,
                layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
     t0 = time.perf_counter()

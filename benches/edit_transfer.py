@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{run}: edits at layers {sorted(layers)}; this reads single-layer runs")
     (layer,) = layers
     model, tok = load_model()
-    stats_tokens = json.loads((run / "run.json").read_text()).get("stats", "")
-    tokens = int(stats_tokens.split(" tokens")[0].split(": ")[-1].replace(",", "")) if "tokens" in stats_tokens else None
+    stats = json.loads((run / "run.json").read_text()).get("stats", "")  # "layer 6: 1,000,000 tokens of ..."
+    tokens = int(stats.split(" tokens")[0].split(": ")[-1].replace(",", "")) if " tokens" in stats else None
     ed = Editor(model, tok, layer=layer, stats_tokens=tokens, progress=False)
     C = ed.solver(layer)  # the plain statistics' solver: its inverse is (C + ridge·I)⁻¹
     A_inv = C.inverse.to(torch.float64)

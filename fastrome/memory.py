@@ -11,9 +11,9 @@ then nearly A-orthogonal to the earlier keys, so a new write barely moves their 
 statistics' own inverse and all the keys every ``refactor_every`` keys, so rounding cannot build
 up: by Woodbury (an n×n solve) while the n keys are fewer than half of d, then as
 ``L(I + β·LᵀKᵀKL)⁻¹Lᵀ`` with ``LLᵀ`` the statistics' inverse (d×d work, flat in n), so a run of
-10,000 edits never factorises a 10,000×10,000 matrix. The schedule depends only on the keys in order: rebuilding the memory from a
-journal's keys (resume, undo) gives the inverse bit for bit, so a resumed run edits exactly as one
-never stopped.
+10,000 edits never factorises a 10,000×10,000 matrix. The schedule depends only on the keys in
+order: rebuilding the memory from a journal's keys (resume, undo) gives the inverse bit for bit, so
+a resumed run edits exactly as one never stopped.
 """
 
 from __future__ import annotations

@@ -106,7 +106,9 @@ def plan(
                       weight_norm=weight_norm, interference=interference)
 
 
-def _two_key_left_vector(solver: "CovarianceSolver | EditMemory", k_mean: Tensor, k_plain: Tensor) -> Tuple[Tensor, float]:
+def _two_key_left_vector(
+    solver: "CovarianceSolver | EditMemory", k_mean: Tensor, k_plain: Tensor
+) -> Tuple[Tensor, float]:
     """``(u, uᵀAu)``: the u of least uᵀAu with ``uᵀk̄ = uᵀk_u = 1`` (A: the solver's matrix), fp64.
 
     With ``U = A⁻¹K`` (rows, from the solver, so an edit memory or a projection applies) and

@@ -39,7 +39,8 @@ def test_the_left_vector_meets_both_keys_with_the_least_energy(d):
     u, quad = _two_key_left_vector(solver, k_mean, k_plain)
     K = torch.stack([k_mean, k_plain]).double()
     # the closed form in fp64
-    want = torch.linalg.solve(A, K.T) @ torch.linalg.solve(K @ torch.linalg.solve(A, K.T), torch.ones(2, dtype=torch.float64))
+    A_inv_K = torch.linalg.solve(A, K.T)
+    want = A_inv_K @ torch.linalg.solve(K @ A_inv_K, torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(u, want, rtol=1e-6, atol=1e-8)  # the solve runs in the key's fp32
     torch.testing.assert_close(K @ u, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-6)
     assert quad == pytest.approx(float(u @ A @ u), rel=1e-6)
@@ -70,7 +71,8 @@ def test_the_plan_writes_v_star_at_the_unprefixed_key_and_the_same_change_at_the
     p = plan("dual", CovarianceSolver(spd(d_in, 2)), W, b, k_mean, k_plain, v_star)
     W2 = W.double() + torch.outer(p.lam.double(), p.u.double())
     torch.testing.assert_close(W2 @ k_plain.double() + b.double(), v_star.double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(W2 @ k_mean.double() - W.double() @ k_mean.double(), p.lam.double(), rtol=1e-5, atol=1e-5)
+    moved = W2 @ k_mean.double() - W.double() @ k_mean.double()
+    torch.testing.assert_close(moved, p.lam.double(), rtol=1e-5, atol=1e-5)
     assert p.solved_key.shape == (2, d_in) and p.denom == pytest.approx(1.0, abs=1e-6)
 
 
