@@ -233,6 +233,8 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
          seed: int, on_checkpoint: Optional[Callable[[Dict[str, Any]], None]], progress: Optional[bool],
          probes: "Probes", sentinel: List[str]) -> RunSummary:
     edits_log, ckpt_log = out / "edits.jsonl", out / "checkpoints.jsonl"
+    for path in (edits_log, ckpt_log):
+        _drop_torn_tail(path)
     model, tok = editor.model, editor.tokenizer
     unlogged = _reconcile(editor, out, edits_log, records)
     record_of = {str(_case_id(record, index)): record for index, record in enumerate(records)}
@@ -363,22 +365,32 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
         n_done = len(editor.done_case_ids())
         kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
         if n_done // every > (n_done - kept) // every:
-            point = probes.measure(editor, records, editor.done_case_ids())
-            point["edits"] = n_done
-            norm = point.get("entropy_norm")
-            if norm is not None and norm < rules.entropy_drop:
-                point["collapse"] = [
-                    f"generation entropy {norm:.3f} × the unedited model's < {rules.entropy_drop:g}"
-                ]
-            _append(ckpt_log, point)
-            summary.checkpoints.append(point)
-            if on_checkpoint is not None:
-                on_checkpoint(point)
-            if point.get("collapse") and rules.action == "stop":
-                return point["collapse"][0]
+            return checkpoint(n_done)
+        return None
+
+    def checkpoint(n_done: int) -> Optional[str]:
+        """Measure and log a checkpoint after ``n_done`` edits; returns why the run stops, or None."""
+        point = probes.measure(editor, records, editor.done_case_ids())
+        point["edits"] = n_done
+        norm = point.get("entropy_norm")
+        if norm is not None and norm < rules.entropy_drop:
+            point["collapse"] = [f"generation entropy {norm:.3f} × the unedited model's < {rules.entropy_drop:g}"]
+        _append(ckpt_log, point)
+        summary.checkpoints.append(point)
+        if on_checkpoint is not None:
+            on_checkpoint(point)
+        if point.get("collapse") and rules.action == "stop":
+            return point["collapse"][0]
         return None
 
     try:
+        if summary.stopped is None and not unlogged:
+            # a session stopped after the edit that made a checkpoint due but before its line: measure
+            # it now, on the same edits (a recovered edit below gets its own through settle)
+            n_done = len(editor.done_case_ids())
+            measured = max((p.get("edits", 0) for p in _checkpoints(ckpt_log)), default=0)
+            if n_done and n_done // every * every > measured:
+                summary.stopped = checkpoint(n_done)
         if unlogged:
             # edits a crash left in the journal without their log lines and checks
             by_case = {str(r.get("case_id")): r for r in editor.applied_records()}
@@ -485,6 +497,33 @@ def _read_log(path: Path) -> List[Dict[str, Any]]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
             out.append(entry)
+    return out
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a log back to its last complete line: the next line appended must not be glued to what
+    a killed write left half done."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _checkpoints(path: Path) -> List[Dict[str, Any]]:
+    """The checkpoint log's complete lines (a torn last line from a killed run is left out)."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                point = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(point, dict):
+                out.append(point)
     return out
 
 

@@ -309,3 +309,24 @@ def test_efficacy_at_edit_time_and_paraphrase_retention_are_measured(make_tiny, 
     top, win = scores(["Where is the Eiffel Tower? It is in", "LeBron James is good at the sport of"],
                       [" Rome", " chess"], [" Paris", " basketball"])
     assert point["retention_paraphrase"] == sum(top) / 2 and point["retention_score_paraphrase"] == sum(win) / 2
+
+
+def test_a_checkpoint_cut_off_by_a_stop_is_measured_on_resume_and_torn_tails_are_dropped(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path)
+    rules = CollapseRules(sentinel_ppl_ratio=1e9, action="record")
+    go(ed, tmp_path, [RECORDS[0], RECORDS[1]], rules=rules)
+    ed.close()
+    ckpt, log = tmp_path / "checkpoints.jsonl", tmp_path / "edits.jsonl"
+    points = ckpt.read_text().splitlines()
+    assert [json.loads(p)["edits"] for p in points] == [0, 2]
+    # killed while measuring the checkpoint after edit 2: its line half written, and a log line too
+    ckpt.write_text(points[0] + "\n" + points[1][: len(points[1]) // 2])
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"case_id": 99, "sta')
+    fresh, _ = make_tiny("llama-bytelevel")
+    ed = editor_for(fresh, tok, tmp_path)
+    go(ed, tmp_path, [RECORDS[0], RECORDS[1], RECORDS[4]], rules=rules)
+    assert [p["edits"] for p in lines(ckpt)] == [0, 2]  # every line parses: the torn ones are gone
+    assert [e["case_id"] for e in lines(log)] == [1, 2, 5]
+    assert lines(ckpt)[1]["retention_n"] == 2  # measured on the two edits it was due after
