@@ -384,13 +384,6 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
         return None
 
     try:
-        if summary.stopped is None and not unlogged:
-            # a session stopped after the edit that made a checkpoint due but before its line: measure
-            # it now, on the same edits (a recovered edit below gets its own through settle)
-            n_done = len(editor.done_case_ids())
-            measured = max((p.get("edits", 0) for p in _checkpoints(ckpt_log)), default=0)
-            if n_done and n_done // every * every > measured:
-                summary.stopped = checkpoint(n_done)
         if unlogged:
             # edits a crash left in the journal without their log lines and checks
             by_case = {str(r.get("case_id")): r for r in editor.applied_records()}
@@ -399,6 +392,13 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
                 rec = _record_from(by_case[cid])
                 recovered.append((_entry(index, rec.case_id, rec), rec))
             summary.stopped = settle(recovered)
+        if summary.stopped is None:
+            # a session stopped after the edit that made a checkpoint due but before its line:
+            # measure it now, after the edits done so far
+            n_done = len(editor.done_case_ids())
+            measured = max((p.get("edits", 0) for p in _checkpoints(ckpt_log)), default=0)
+            if n_done and n_done // every * every > measured:
+                summary.stopped = checkpoint(n_done)
         if summary.stopped is None:
             for batch in pending():
                 applied = _edit_batch(editor, batch, batch_size, log, summary)

@@ -330,3 +330,21 @@ def test_a_checkpoint_cut_off_by_a_stop_is_measured_on_resume_and_torn_tails_are
     assert [p["edits"] for p in lines(ckpt)] == [0, 2]  # every line parses: the torn ones are gone
     assert [e["case_id"] for e in lines(log)] == [1, 2, 5]
     assert lines(ckpt)[1]["retention_n"] == 2  # measured on the two edits it was due after
+
+
+def test_a_cut_off_checkpoint_is_measured_also_when_the_last_edit_lacks_its_log_line(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor_for(model, tok, tmp_path)
+    rules = CollapseRules(sentinel_ppl_ratio=1e9, action="record")
+    records = [RECORDS[0], RECORDS[1], RECORDS[4]]
+    go(ed, tmp_path, records, rules=rules)
+    ed.close()
+    ckpt, log = tmp_path / "checkpoints.jsonl", tmp_path / "edits.jsonl"
+    # the checkpoint after edit 2 never written, and edit 3 in the journal but not in the run log
+    ckpt.write_text(ckpt.read_text().splitlines()[0] + "\n")
+    log.write_text("".join(x + "\n" for x in log.read_text().splitlines()[:2]))
+    fresh, _ = make_tiny("llama-bytelevel")
+    ed = editor_for(fresh, tok, tmp_path)
+    go(ed, tmp_path, records, rules=rules)
+    assert [e["case_id"] for e in lines(log)] == [1, 2, 5]
+    assert [p["edits"] for p in lines(ckpt)] == [0, 3] and lines(ckpt)[1]["retention_n"] == 3
