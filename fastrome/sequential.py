@@ -396,7 +396,7 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
             # a session stopped after the edit that made a checkpoint due but before its line:
             # measure it now, after the edits done so far
             n_done = len(editor.done_case_ids())
-            measured = max((p.get("edits", 0) for p in _checkpoints(ckpt_log)), default=0)
+            measured = max((p.get("edits", 0) for p in _json_lines(ckpt_log)), default=0)
             if n_done and n_done // every * every > measured:
                 summary.stopped = checkpoint(n_done)
         if summary.stopped is None:
@@ -486,18 +486,23 @@ def _record_from(data: Dict[str, Any]) -> EditRecord:
     return EditRecord(**kwargs)
 
 
-def _read_log(path: Path) -> List[Dict[str, Any]]:
-    """The run log's complete lines (a torn last line from a killed run is left out)."""
+def _json_lines(path: Path) -> List[Dict[str, Any]]:
+    """A log's complete lines as objects (a torn last line from a killed run is left out)."""
     out = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                entry = json.loads(line)
-                entry["case_id"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                item = json.loads(line)
+            except json.JSONDecodeError:
                 continue
-            out.append(entry)
+            if isinstance(item, dict):
+                out.append(item)
     return out
+
+
+def _read_log(path: Path) -> List[Dict[str, Any]]:
+    """The run log's complete lines, each naming its record's case."""
+    return [entry for entry in _json_lines(path) if "case_id" in entry]
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -511,20 +516,6 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
             f.flush()
             os.fsync(f.fileno())
-
-
-def _checkpoints(path: Path) -> List[Dict[str, Any]]:
-    """The checkpoint log's complete lines (a torn last line from a killed run is left out)."""
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                point = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(point, dict):
-                out.append(point)
-    return out
 
 
 def _first_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
