@@ -1,7 +1,7 @@
 """Thousands of sequential edits on SmolLM2 over CounterFact dev records (or zsRE), in one key mode.
 
-    python benches/collapse_study.py --mode consistent --edits 1000 --out benches/results/collapse/consistent
-    python benches/collapse_study.py --mode original --edits 1000 --out benches/results/collapse/original
+    python benches/collapse_study.py --classic --edits 1000 --out benches/results/collapse/consistent
+    python benches/collapse_study.py --classic --mode original --edits 1000 --out benches/results/collapse/original
     python benches/collapse_study.py --dataset zsre --edits 1000 --out benches/results/lifelong/zsre
 
 Every record goes through :func:`fastrome.sequential.run_sequential` (collapse rules on ``record``:
@@ -68,7 +68,10 @@ def parse_overrides(items: list) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("consistent", "original", "prompt", "dual"), default="consistent")
+    ap.add_argument("--mode", choices=("consistent", "original", "prompt", "dual"), default=None,
+                    help="key mode (default: fastrome's, or consistent with --classic)")
+    ap.add_argument("--classic", action="store_true",
+                    help="start from classic one-edit ROME (fastrome.CLASSIC) instead of fastrome's defaults")
     ap.add_argument("--dataset", choices=("counterfact", "zsre"), default="counterfact",
                     help="CounterFact dev records, or the zsRE file (then every checkpoint also scores zsRE's "
                          "token accuracy on the sampled edits: zsre.jsonl)")
@@ -119,8 +122,10 @@ def main(argv=None) -> int:
     else:  # sampled once from the unedited model, reused by every resumed session
         prefixes = test_prefixes(model, tok, n=5, length=5, seed=0)
         prefix_file.write_text(json.dumps(prefixes, indent=1))
-    overrides = parse_overrides(args.overrides)
-    editor = open_run(model, tok, out, mode=args.mode, progress=False, stats_tokens=args.stats_tokens, **overrides)
+    overrides = {**(fastrome.CLASSIC if args.classic else {}), **parse_overrides(args.overrides)}
+    if args.mode:
+        overrides["mode"] = args.mode
+    editor = open_run(model, tok, out, progress=False, stats_tokens=args.stats_tokens, **overrides)
 
     run_file = out / "run.json"
     run = json.loads(run_file.read_text()) if run_file.is_file() else {"sessions": []}
@@ -132,15 +137,20 @@ def main(argv=None) -> int:
     }
     if run.get("stats") and run["stats"] != editor.stats_source():
         raise SystemExit(f"{out}: this run was made with statistics {run['stats']!r}, not {editor.stats_source()!r}")
-    if run.get("mode") and run["mode"] != args.mode:
-        raise SystemExit(f"{out}: this run is in mode {run['mode']!r}, not {args.mode!r}")
-    if run.get("sessions") and run.get("overrides", {}) != overrides:
-        raise SystemExit(f"{out}: this run was made with --set {run.get('overrides', {})!r}, not {overrides!r}")
+    settings = {k: v for k, v in editor.config.to_dict().items() if k != "extra"}
+    # (the editor itself refuses a journal written with other lifelong settings; this covers the rest)
+    if run.get("settings") and json.loads(json.dumps(settings)) != run["settings"]:
+        changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != run["settings"].get(k))
+        raise SystemExit(f"{out}: this run was made with other settings ({', '.join(changed)})")
+    if run.get("sessions") and not run.get("settings"):  # a run from before full settings were recorded
+        made = {"mode": run.get("mode"), **run.get("overrides", {})}
+        changed = sorted(k for k, v in made.items() if v is not None and settings.get(k) != v)
+        if changed:
+            raise SystemExit(f"{out}: this run was made with {made!r}; now {', '.join(changed)} differ")
     if run.get("sessions") and run.get("dataset", "counterfact") != args.dataset:
         raise SystemExit(f"{out}: this run is on {run.get('dataset', 'counterfact')}, not {args.dataset}")
-    run.update(mode=args.mode, dataset=args.dataset, overrides=overrides, records=len(records), start=args.start,
-               every=args.every,
-               batch_size=args.batch_size,
+    run.update(mode=editor.config.mode, dataset=args.dataset, overrides=overrides, settings=settings,
+               records=len(records), start=args.start, every=args.every, batch_size=args.batch_size,
                layer=editor.layer, stats=editor.stats_source(), model="SmolLM2-135M-Instruct fp32")
     t0 = time.perf_counter()
 

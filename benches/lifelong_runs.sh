@@ -8,23 +8,27 @@
 # Two runs may share the 2-core machine (THREADS=1 each); seconds per edit then compare only
 # between runs that shared it the same way.
 set -euo pipefail
+# Every setting is spelled out from classic ROME (--classic), so a run means the same whatever the
+# library's defaults are; `default` is fastrome's default configuration.
 declare -A SETTINGS=(
-  [classic]="--set memory_beta=0 --set mpes_checks=0"               # one-shot ROME, each edit alone
-  [memory]="--set memory_beta=0.02"
-  [mpes]="--set mpes_checks=2"
-  [value-norm]="--set value_norm=cap --set value_norm_factor=2"
-  [memory+mpes]="--set memory_beta=0.02 --set mpes_checks=2"
-  [memory+mpes-p50]="--set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
-  [memory+mpes-p50+spread]="--set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5 --set spread=4"
-  [memory+mpes+dual]="--mode dual --set memory_beta=0.02 --set mpes_checks=2"
-  [memory+mpes-p50+dual]="--mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
-  [memory+mpes+spread]="--set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
-  [memory+spread]="--set memory_beta=0.02 --set spread=4"
-  [null-space+memory]="--set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection, exact at the key
-  [original]="--mode original"
+  [default]=""
+  [classic]="--classic"                                              # one-shot ROME, each edit alone
+  [memory]="--classic --set memory_beta=0.02"
+  [mpes]="--classic --set mpes_checks=2"
+  [value-norm]="--classic --set value_norm=cap --set value_norm_factor=2"
+  [memory+mpes]="--classic --set memory_beta=0.02 --set mpes_checks=2"
+  [memory+mpes-p50]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
+  [memory+mpes-p50+spread]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5 --set spread=4"
+  [memory+mpes+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2"
+  [memory+mpes-p50+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
+  [memory+mpes+spread]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
+  [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
+  [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
+  [null-space+memory]="--classic --set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection
+  [original]="--classic --mode original"
 )
 if [[ "${1:-}" == "--list" || $# -lt 1 ]]; then
-  for name in "${!SETTINGS[@]}"; do echo "$name: ${SETTINGS[$name]:-(defaults)}"; done | sort
+  for name in "${!SETTINGS[@]}"; do echo "$name: ${SETTINGS[$name]:-(fastrome's defaults)}"; done | sort
   exit 0
 fi
 name=$1 edits=${2:-500} dataset=${DATASET:-counterfact}

@@ -10,7 +10,7 @@
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
 from fastrome import ops
-from fastrome.config import EditConfig
+from fastrome.config import CLASSIC, EditConfig
 from fastrome.corpus import open_corpus
 from fastrome.editor import Editor, edit
 from fastrome.guards import EditRefused
@@ -24,6 +24,7 @@ from fastrome.stats import SecondMoment
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLASSIC",
     "CovarianceSolver",
     "EditConfig",
     "EditRecord",

@@ -264,12 +264,19 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def _classic(args: argparse.Namespace) -> Dict[str, Any]:
+    """The classic-ROME settings when ``--classic`` is given (the base that --mode and --set refine)."""
+    from fastrome.config import CLASSIC
+
+    return dict(CLASSIC) if getattr(args, "classic", False) else {}
+
+
 def _editor(model, tok, args: argparse.Namespace):
     from fastrome import Editor
 
     flags = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
              "stats_tokens": args.tokens}
-    overrides = {**_settings(args), **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {**_classic(args), **_settings(args), **{k: v for k, v in flags.items() if v is not None}}
     return Editor(model, tok, stats=args.stats, progress=not args.json, **overrides)
 
 
@@ -474,7 +481,8 @@ def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes, *, p
         records.append(req)
     flags = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
              "stats_tokens": args.tokens}
-    overrides = {"policy": "skip", **_settings(args), **{k: v for k, v in flags.items() if v is not None}}
+    overrides = {"policy": "skip", **_classic(args), **_settings(args),
+                 **{k: v for k, v in flags.items() if v is not None}}
     editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
                       **{k: v for k, v in overrides.items() if v is not None})
     summary = run_sequential(
@@ -702,8 +710,11 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classic", action="store_true",
+                   help="classic one-edit ROME: consistent keys, no edit memory, no early stopping "
+                        "(the default's lifelong settings off; --mode and --set still apply on top)")
     p.add_argument("--mode", choices=MODES, default=None,
-                   help="keys of the update (dual: exact at the prefixed mean and the unprefixed key)")
+                   help="keys of the update (default dual: exact at the prefixed mean and the unprefixed key)")
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: the model's measured layer)")
     p.add_argument("--spread", type=int, default=None,
                    help="share each edit among this many layers ending at --layer (default 1)")

@@ -580,7 +580,7 @@ class Editor:
         total = self._total_ratio[layer] + plan.update_ratio
         verdict = guards.check(
             k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
-            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg,
+            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg, energy=plan.energy,
         )
         return plan, total, verdict
 

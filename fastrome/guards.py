@@ -51,8 +51,11 @@ def check(
     update_ratio: float,
     total_ratio: float,
     cfg: EditConfig,
+    energy: float = math.inf,
 ) -> Verdict:
-    """All guard checks for one edit. ``k`` is the key in the denominator."""
+    """All guard checks for one edit. ``k`` is the key in the denominator; ``energy`` is ``uᵀAu``
+    (A: the solve's matrix), which must be positive (the dual mode's denominator is 1 by
+    construction, and this is what says its solve was sound)."""
     reasons = []
     bad = [name for name, t in (("k", k), ("u", u), ("delta", delta), ("lambda", lam)) if not _finite(t)]
     if bad:
@@ -62,6 +65,9 @@ def check(
         floor = math.inf
     if not (math.isfinite(denom) and denom > floor):
         reasons.append(f"denominator uᵀk = {denom:.4g} is not above {floor:.4g} (= {cfg.min_denom_rel:g}·‖u‖·‖k‖)")
+    elif not energy > 0:  # NaN included
+        reasons.append(f"denominator of the solve uᵀAu = {energy:.4g} is not positive (the statistics are not "
+                       "symmetric positive definite along the edit's keys)")
     if not (math.isfinite(update_ratio) and update_ratio <= cfg.max_update_ratio):
         reasons.append(f"‖ΔW‖/‖W‖ = {update_ratio:.4g} exceeds max_update_ratio = {cfg.max_update_ratio:g}")
     if not (math.isfinite(total_ratio) and total_ratio <= cfg.max_total_update_ratio):

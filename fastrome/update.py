@@ -15,6 +15,7 @@ weights) rather than read from a forward pass, so it matches the matrix the upda
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -41,6 +42,9 @@ class UpdatePlan:
     # ‖Λ‖²·uᵀCu = E‖ΔW k‖² over keys whose second moment is C (+ ridge): the mean squared change the
     # edit makes to the layer's output on ordinary text. Sequential damage grows with its running sum.
     interference: float = float("nan")
+    # uᵀAu (A: the solver's matrix); must be positive. For one key it is the denominator kᵀA⁻¹k;
+    # the dual mode's denominator is 1 by construction, so this is its positivity check
+    energy: float = float("nan")
 
     @property
     def update_ratio(self) -> float:
@@ -103,7 +107,7 @@ def plan(
     weight_norm = float(weight32.norm())
     interference = float(lam.double().square().sum()) * quad
     return UpdatePlan(u=u, lam=lam, key=key, solved_key=solved_key, denom=denom, update_norm=update_norm,
-                      weight_norm=weight_norm, interference=interference)
+                      weight_norm=weight_norm, interference=interference, energy=quad)
 
 
 def _two_key_left_vector(
@@ -113,14 +117,24 @@ def _two_key_left_vector(
 
     With ``U = A⁻¹K`` (rows, from the solver, so an edit memory or a projection applies) and
     ``G = UKᵀ``, ``u = Uᵀc`` for ``Gᵀc = 1``; then ``uᵀAu = cᵀGc = Σc``. Two keys that (nearly)
-    coincide make G singular: one constraint is then the other, and u is the one-key solution."""
+    coincide make G singular: one constraint is then the other, and u is the one-key solution. A G
+    that is not positive definite (statistics that are not, along the keys) gives a non-positive
+    ``uᵀAu``, which the guards refuse."""
     K = torch.stack([k_mean, k_plain])
     U, _ = solver.solve(K)
     U64, K64 = U.to(torch.float64), K.to(device=U.device, dtype=torch.float64)
     G = U64 @ K64.t()
+    g00, g11 = float(G[0, 0]), float(G[1, 1])
+    if not (g00 > 0 and g11 > 0):  # A is not positive definite along a key: the guards refuse
+        return U64[0] / g00 if g00 else U64[0], min(g00, g11)
+    # G = KA⁻¹Kᵀ is symmetric up to the rounding of the solves; far from it, no A is behind them
+    if not abs(float(G[0, 1] - G[1, 0])) <= 1e-2 * math.sqrt(g00 * g11):
+        return U64[0] / g00, math.nan
     det = float(G[0, 0] * G[1, 1] - G[0, 1] * G[1, 0])
-    if not det > 1e-9 * abs(float(G[0, 0] * G[1, 1])):
-        return U64[0] / G[0, 0], 1.0 / float(G[0, 0])
+    if not det > 1e-9 * g00 * g11:
+        if det < -1e-4 * g00 * g11:  # indefinite beyond rounding
+            return U64[0] / g00, det / g00
+        return U64[0] / g00, 1.0 / g00
     c = torch.linalg.solve(G.t(), torch.ones(2, dtype=torch.float64, device=G.device))
     return c @ U64, float(c.sum())
 

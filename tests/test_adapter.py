@@ -51,8 +51,10 @@ def test_discovery_and_edit(kind, bytelevel_tokenizer):
     delta = adapter.weight(1).detach() - before
     torch.testing.assert_close(delta, torch.outer(art.lam, art.u), rtol=1e-5, atol=1e-6)
     b = adapter.bias(1)
-    out = adapter.weight(1).detach() @ art.k_mean + (b.detach() if b is not None else 0)
+    # the default (dual) write: v* exactly at the unprefixed key, the same change Λ at the prefixed mean
+    out = adapter.weight(1).detach() @ art.k_plain + (b.detach() if b is not None else 0)
     torch.testing.assert_close(out, art.v_star, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(delta @ art.k_mean, art.lam, rtol=1e-4, atol=1e-4)
 
 
 def test_module_template_override_and_errors(bytelevel_tokenizer):

@@ -111,6 +111,16 @@ def test_the_editor_keeps_both_keys_in_the_journal_and_the_memory(make_tiny, tmp
     assert torch.equal(resumed.solver(1).inverse, before[1])
 
 
-def test_dual_with_spread_is_refused():
-    with pytest.raises(ValueError, match="config.mode"):
-        EditConfig(mode="dual", spread=2).validate()
+def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, journal=tmp_path / "j")
+    (rec,) = ed.edit(REQS[0]).records
+    assert rec.status == "applied" and [p["layer"] for p in rec.parts] == [1, 2]
+    assert [e.layer for e in ed.journal] == [1, 2]
+    assert all(e.key.shape == (2, ed.adapter.d_in) for e in ed.journal)
+    for entry in ed.journal:  # each part is exact at both keys of its layer: uᵀk̄ = uᵀk_u = 1
+        torch.testing.assert_close(entry.key.double() @ entry.u.double(), torch.ones(2, dtype=torch.float64),
+                                   rtol=0, atol=1e-4)
+        assert len(ed.solver(entry.layer).keys) == 2
+    ed.undo(rec.edit_id)
+    assert all(len(ed.solver(layer).keys) == 0 for layer in (1, 2))

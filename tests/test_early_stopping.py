@@ -28,6 +28,7 @@ LAYER = 6
 def cfg(**kw):
     kw.setdefault("v_steps", 12)
     kw.setdefault("early_stop_loss", 0.0)  # the loss rule off unless a test turns it on
+    kw.setdefault("mpes_checks", 0)  # and early stopping (on by default)
     return EditConfig(**kw).resolve("llama")
 
 
@@ -116,7 +117,7 @@ def test_a_probability_floor_stops_later_and_only_once_it_is_met(smollm2):
     assert float(target_probs_at(adapter, tok, LAYER, req, before.delta).min()) < 0.9
 
 
-@pytest.mark.parametrize("settings", [{"mpes_min_prob": 0.5}, {"mpes_checks": 1, "mpes_min_prob": 1.0},
+@pytest.mark.parametrize("settings", [{"mpes_checks": 0, "mpes_min_prob": 0.5}, {"mpes_checks": 1, "mpes_min_prob": 1.0},
                                       {"mpes_checks": 1, "mpes_min_prob": -0.1},
                                       {"mpes_checks": 1, "mpes_min_prob": float("nan")}])
 def test_mpes_min_prob_is_validated(settings):

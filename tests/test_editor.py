@@ -16,6 +16,7 @@ from fastrome.keys import capture_at
 from fastrome.prompts import edit_prompts
 from fastrome.requests import parse_requests
 from fastrome.stats import compute
+from fastrome.config import CLASSIC
 
 REQ = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 FAST = dict(v_steps=6, template_lengths=((3, 4), (5, 3)), stats_tokens=4000, stats_max_len=128)
@@ -120,6 +121,9 @@ class PlantedSolver(CovarianceSolver):
         self.how = how
 
     def solve(self, k):
+        if k.dim() == 2:  # the dual mode solves for both of its keys at once
+            rows = [self.solve(row) for row in k]
+            return torch.stack([u for u, _ in rows]), torch.stack([d for _, d in rows])
         k = k.float()
         if self.how == "negative":
             u = -k
@@ -140,20 +144,26 @@ class PlantedSolver(CovarianceSolver):
         return u, (u.double() * k.double()).sum().float()
 
 
+# the planted solve is the editor's own (an edit memory would solve from the statistics' inverse)
+PLANTED = dict(FAST, memory_beta=0.0)
+
+
+@pytest.mark.parametrize("mode", ["consistent", "dual"])
 @pytest.mark.parametrize("how", ["negative", "tiny", "zero", "nan", "inf"])
-def test_guards_refuse_planted_denominators_and_leave_weights_bit_identical(tiny, how):
+def test_guards_refuse_planted_denominators_and_leave_weights_bit_identical(tiny, how, mode):
     model, tok, kind = tiny
     adapter = ModelAdapter(model)
     snap = snapshot(model)
     ed = Editor(model, tok, stats={1: PlantedSolver(adapter.d_in, how)}, layer=1, cache_dir=False,
-                policy="skip", **FAST)
+                policy="skip", mode=mode, **PLANTED)
     report = ed.edit(REQ)
     rec = report[0]
     assert rec.status == "refused"
     assert rec.reasons and ("denominator" in rec.reasons[0] or "non-finite" in rec.reasons[0])
     assert_bit_identical(model, snap)
 
-    ed_raise = Editor(model, tok, stats={1: PlantedSolver(adapter.d_in, how)}, layer=1, cache_dir=False, **FAST)
+    ed_raise = Editor(model, tok, stats={1: PlantedSolver(adapter.d_in, how)}, layer=1, cache_dir=False, mode=mode,
+                      **PLANTED)
     with pytest.raises(EditRefused) as err:
         ed_raise.edit(REQ)
     assert err.value.report[0].status == "refused"
@@ -165,11 +175,11 @@ def test_force_overrides_thresholds_but_never_writes_nan(make_tiny):
     adapter = ModelAdapter(model)
     snap = snapshot(model)
     ed = Editor(model, tok, stats={1: PlantedSolver(adapter.d_in, "nan")}, layer=1, cache_dir=False,
-                policy="force", **FAST)
+                policy="force", **PLANTED)
     assert ed.edit(REQ)[0].status == "refused"
     assert_bit_identical(model, snap)
     ed = Editor(model, tok, stats={1: PlantedSolver(adapter.d_in, "negative")}, layer=1, cache_dir=False,
-                policy="force", **UNCAPPED)
+                policy="force", **{**UNCAPPED, **CLASSIC})
     rec = ed.edit(REQ)[0]
     assert rec.status == "forced" and rec.denominator < 0
     assert not torch.equal(adapter.weight(1), snap["model.layers.1.mlp.down_proj.weight"])
@@ -233,7 +243,7 @@ def test_bf16_model_writes_through_fp32_master(make_tiny):
     master = ed._masters[1]
     assert master.dtype == torch.float32
     assert torch.equal(w, master.to(torch.bfloat16))  # weight = round(master)
-    assert rel_err(master.double() @ first.k_mean.double(), first.v_star) < 1e-5  # exact in fp32
+    assert rel_err(master.double() @ first.k_plain.double(), first.v_star) < 1e-5  # exact in fp32 (dual: at k_u)
     ed.edit({"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "chess"})
     assert torch.equal(w, ed._masters[1].to(torch.bfloat16))
     # a weight changed behind the editor's back is noticed, not overwritten with a stale master
@@ -249,7 +259,7 @@ def test_edit_function_and_report_formats(make_tiny):
         warnings.simplefilter("ignore")
         report = fastrome.edit(model, [REQ], tokenizer=tok, stats="identity", layer=1, **UNCAPPED)
     rec = report[0]
-    assert rec.status == "applied" and rec.layer == 1 and rec.mode == "consistent"
+    assert rec.status == "applied" and rec.layer == 1 and rec.mode == "dual"
     assert rec.steps >= 1 and len(rec.losses) >= 1 and rec.seconds["values"] > 0
     d = report.to_dict()
     assert d["applied"] == 1 and d["edits"][0]["subject"] == "The Eiffel Tower"

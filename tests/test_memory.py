@@ -12,6 +12,7 @@ import torch
 
 from fastrome import Editor
 from fastrome.adapter import ModelAdapter
+from fastrome.config import CLASSIC
 from fastrome.memory import EditMemory
 from fastrome.solver import CovarianceSolver
 
@@ -20,7 +21,8 @@ REQS = [
     {"prompt": "{} was painted by", "subject": "The Mona Lisa", "target_new": "Pablo Picasso", "case_id": 2},
     {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "chess", "case_id": 3},
 ]
-FAST = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False)
+# classic ROME plus what each test turns on (the default dual mode has its own tests)
+FAST = dict(CLASSIC, v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False)
 
 
 def spd(d, seed):

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
-from fastrome import EditConfig, Editor
+from fastrome import CLASSIC, EditConfig, Editor
 from fastrome.adapter import ModelAdapter
 
 REQ = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "case_id": 1}
-FAST = dict(v_steps=4, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, layer=1)
+FAST = dict(CLASSIC, v_steps=4, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, layer=1)
 
 
 def spd(d, seed):

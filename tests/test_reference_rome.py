@@ -16,7 +16,8 @@ REQS = [
     {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
 ]
 TEMPLATES = ["{}", "Because it rained. {}", "I said that the story went on. {}"]
-SETTINGS = dict(v_steps=5, max_update_ratio=float("inf"))
+# the reference is classic ROME: no edit memory, no early stopping (the mode is each test's)
+SETTINGS = dict(v_steps=5, max_update_ratio=float("inf"), memory_beta=0.0, mpes_checks=0)
 
 
 @pytest.mark.parametrize("mode", ["original", "consistent"])

@@ -216,7 +216,7 @@ def test_fast_and_whole_model_optimisations_agree(make_tiny):
 
 def test_batched_edits_recompute_each_numerator(make_tiny):
     """Within a batch, the second update is solved against the weights the first one left: the
-    edited key then maps exactly to its target value."""
+    edited key (the unprefixed one, in the default dual mode) then maps exactly to its target value."""
     model, tok = make_tiny("llama-bytelevel", layers=3)
     ed = Editor(model, tok, stats="identity", layer=1, cache_dir=False, v_steps=4, max_update_ratio=float("inf"),
                 template_lengths=((3, 2),))
@@ -225,11 +225,11 @@ def test_batched_edits_recompute_each_numerator(make_tiny):
     assert [r.batch for r in report.records] == [2, 2] and all(r.applied for r in report.records)
     last = ed.last
     w = ed.adapter.weight(1).detach().double()
-    err = (w @ last.k_mean.double() - last.v_star.double()).norm() / last.v_star.double().norm()
+    err = (w @ last.k_plain.double() - last.v_star.double()).norm() / last.v_star.double().norm()
     assert err < 1e-5
     # against the weights before the batch it would miss by the first update's effect
     first = ed.journal.entries[0]
-    miss = (first.lam.double() * (first.u.double() @ last.k_mean.double())).norm() / last.v_star.double().norm()
+    miss = (first.lam.double() * (first.u.double() @ last.k_plain.double())).norm() / last.v_star.double().norm()
     assert miss > 1e-3
 
 

@@ -54,7 +54,7 @@ def residual_at_key(ed, req, layer):
     return h.mean(0) if ed.config.mode == "consistent" else h[0]
 
 
-@pytest.mark.parametrize("mode", ["consistent", "prompt", "original"])
+@pytest.mark.parametrize("mode", ["consistent", "prompt", "original", "dual"])
 def test_spread_edit_moves_the_residual_stream_by_delta(tiny, mode):
     model, tok, kind = tiny
     n_layers = ModelAdapter(model).n_layers
