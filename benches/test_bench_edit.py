@@ -24,8 +24,9 @@ import pytest
 import torch
 from harness import DEVICE, sync
 
-from fastrome import Editor
+from fastrome import CLASSIC, Editor
 from fastrome.adapter import ModelAdapter
+from fastrome.config import DEFAULT_SPREAD
 from fastrome.baselines.rome import ReferenceRome
 from fastrome.requests import parse_requests
 
@@ -64,33 +65,38 @@ def setup():
         d = cfg.intermediate_size
         g = torch.Generator(device=DEVICE).manual_seed(0)
         x = torch.randn(4 * d, d, device=DEVICE, generator=g)
-        stats = {layer: x.T @ x / x.shape[0]}
-    if stats is None:
+        moment = x.T @ x / x.shape[0]
+        stats = {at: moment for at in range(layer - DEFAULT_SPREAD + 1, layer + 1)}
+    if stats is None:  # the edited layer and the ones below it that a default (spread) edit also writes
         from fastrome.stats import load_or_compute
 
-        C = load_or_compute(ModelAdapter(model), tok, [layer], progress=False)[layer].matrix
-    else:
-        C = stats[layer]
-    templates = Editor(model, tok, stats={layer: C}, layer=layer, progress=False).templates()
-    return model, tok, layer, parse_requests(records)[:EDITS], C, templates, name
+        found = load_or_compute(ModelAdapter(model), tok, list(range(layer - DEFAULT_SPREAD + 1, layer + 1)),
+                                progress=False)
+        stats = {at: sm.matrix for at, sm in found.items()}
+    templates = Editor(model, tok, stats=stats, layer=layer, progress=False).templates()
+    return model, tok, layer, parse_requests(records)[:EDITS], stats, templates, name
 
 
-def _reset(adapter, layer, base):
+def _reset(adapter, bases):
     with torch.no_grad():
-        adapter.weight(layer).copy_(base)
+        for layer, base in bases.items():
+            adapter.weight(layer).copy_(base)
 
 
-IMPLS = ["reference (original)", "reference (consistent)", "fastrome", "fastrome whole-model steps",
-         "fastrome batched", "fastrome dual+memory+MPES"]
-# lifelong-editing settings timed beside the plain edit (the memory's update is its own phase)
-SETTINGS = {"fastrome dual+memory+MPES": dict(mode="dual", memory_beta=0.02, mpes_checks=2)}
+IMPLS = ["reference (original)", "reference (consistent)", "fastrome classic", "fastrome classic, whole-model steps",
+         "fastrome classic batched", "fastrome default"]
+# classic one-edit ROME (the reference's algorithm) and the default (dual keys, spread, edit memory,
+# early stopping; the memory's update is its own phase)
+SETTINGS = {impl: CLASSIC for impl in IMPLS if impl.startswith("fastrome classic")}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_edit(timed, benchmark, setup, impl):
-    model, tok, layer, reqs, C, templates, name = setup
+    model, tok, layer, reqs, stats, templates, name = setup
+    C = stats[layer]
     adapter = ModelAdapter(model)
-    base = adapter.weight(layer).detach().clone()
+    bases = {at: adapter.weight(at).detach().clone() for at in stats}
+    base = bases[layer]
     info = {"phases": {}, "steps": []}
     if impl.startswith("reference"):
         mode = "original" if "original" in impl else "consistent"
@@ -100,7 +106,7 @@ def test_edit(timed, benchmark, setup, impl):
         ref_base = ref_adapter.weight(layer).detach().clone()
 
         def fn():
-            _reset(ref_adapter, layer, ref_base)
+            _reset(ref_adapter, {layer: ref_base})
             for r in reqs:
                 res = rome.edit(r)
                 info["steps"].append(res.steps)
@@ -108,13 +114,13 @@ def test_edit(timed, benchmark, setup, impl):
                     info["phases"][k] = info["phases"].get(k, 0.0) + v
     else:
         batch = len(reqs) if impl.endswith("batched") else 1
-        ed = Editor(model, tok, stats={layer: C}, layer=layer, policy="force", progress=False,
+        ed = Editor(model, tok, stats=stats, layer=layer, policy="force", progress=False,
                     v_fast=not impl.endswith("whole-model steps"), cache_dir=False, **SETTINGS.get(impl, {}))
         ed._templates = list(templates)
         ed.solver(layer)
 
         def fn():
-            _reset(adapter, layer, base)
+            _reset(adapter, bases)
             report = ed.edit(reqs, batch_size=batch)
             for rec in report.records:
                 info["steps"].append(rec.steps)
@@ -134,7 +140,7 @@ def test_edit(timed, benchmark, setup, impl):
     if DEVICE == "cuda":
         info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         info["weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    _reset(adapter, layer, base)
+    _reset(adapter, bases)
     benchmark.extra_info.update(info)
 
 

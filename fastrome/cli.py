@@ -717,7 +717,8 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
                    help="keys of the update (default dual: exact at the prefixed mean and the unprefixed key)")
     p.add_argument("--layer", type=int, default=None, help="edited layer (default: the model's measured layer)")
     p.add_argument("--spread", type=int, default=None,
-                   help="share each edit among this many layers ending at --layer (default 1)")
+                   help="share each edit among this many layers ending at --layer (default 4, fewer below "
+                        "layer 3; 1 with --classic)")
     p.add_argument("--policy", choices=("raise", "skip", "force"), default=None)
     p.add_argument("--stats", default=None,
                    help="statistics: a .safetensors file, a corpus file/folder, 'bundled' (default) or 'identity'")

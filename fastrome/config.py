@@ -23,7 +23,10 @@ LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "mp
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
 # optimised until the loss threshold. The default differs from it only in these fields, so
 # ``Editor(model, tok, **CLASSIC)`` (``--classic`` on the command line) is the one setting away.
-CLASSIC: Dict[str, Any] = {"mode": "consistent", "memory_beta": 0.0, "mpes_checks": 0}
+CLASSIC: Dict[str, Any] = {"mode": "consistent", "spread": 1, "memory_beta": 0.0, "mpes_checks": 0}
+# Layers a default edit is shared among (``spread=None``), ending at the edit's layer; fewer where
+# that layer is lower, one with value-norm control (which is defined for one-layer edits).
+DEFAULT_SPREAD = 4
 
 # Published ROME value-optimisation settings per family: steps, weight decay.
 _FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -46,8 +49,10 @@ class EditConfig:
     ``spread`` > 1 shares every edit among that many consecutive layers ending at the edit's layer
     (MEMIT-style, for one request at a time): the value is optimised at the last of them as usual,
     then each layer in turn, from the lowest, takes its share of what is still missing there. Each
-    layer's update is a rank-one update with the edit's keys (mode) there, so every guard applies per layer; the
-    layers' updates, and with them their damage to unrelated text, are about ``spread`` times smaller.
+    layer's update is a rank-one update with the edit's keys (mode) there, so every guard applies
+    per layer; the layers' updates, and with them their damage to unrelated text, are about
+    ``spread`` times smaller. ``None`` (the default) is :data:`DEFAULT_SPREAD` layers, see
+    :meth:`EditConfig.spread_at`.
     Guards (DESIGN §2): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
     non-finite, or when ``‖ΔW‖_F/‖W‖_F`` exceeds ``max_update_ratio`` (or the running sum of those
     ratios at the layer exceeds ``max_total_update_ratio``); ``policy`` says what a refusal does.
@@ -57,7 +62,7 @@ class EditConfig:
     # the defaults of the lifelong settings (mode, memory_beta, mpes_checks) are the combination
     # that measured best over long sequential runs; CLASSIC lists the classic ROME values
     mode: str = "dual"
-    spread: int = 1
+    spread: Optional[int] = None
     # context templates
     template_lengths: Tuple[Tuple[int, int], ...] = ((5, 10), (10, 10))
     template_seed: int = 0
@@ -157,11 +162,12 @@ class EditConfig:
         factor = self.value_norm_factor
         if not (number(factor) and math.isfinite(factor) and factor > 0):
             raise bad("value_norm_factor", "a finite positive number")
-        if self.value_norm != "off" and isinstance(self.spread, int) and self.spread > 1:
+        if self.value_norm != "off" and isinstance(self.spread, int) and not isinstance(self.spread, bool) \
+                and self.spread > 1:
             raise bad("value_norm", "'off' with spread > 1 (a spread edit's target is a residual-stream change, "
                       "not one layer's value)")
-        if not isinstance(self.spread, int) or isinstance(self.spread, bool) or self.spread < 1:
-            raise bad("spread", "a positive int")
+        if self.spread is not None and (not integer(self.spread) or self.spread < 1):
+            raise bad("spread", "a positive int or None (the default number of layers)")
         if not isinstance(self.v_fast, bool):
             raise bad("v_fast", "True or False")
         if self.v_steps is not None and (not integer(self.v_steps) or self.v_steps < 1):
@@ -199,6 +205,13 @@ class EditConfig:
                 setattr(out, name, value)
         out.template_lengths = tuple((int(n), int(c)) for n, c in out.template_lengths)
         return out.validate()
+
+    def spread_at(self, layer: int) -> int:
+        """How many layers an edit at ``layer`` is shared among: ``spread``, or for ``None``
+        :data:`DEFAULT_SPREAD` (at most ``layer + 1``; 1 with value-norm control)."""
+        if self.spread is not None:
+            return self.spread
+        return 1 if self.value_norm != "off" else min(DEFAULT_SPREAD, layer + 1)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

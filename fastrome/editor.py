@@ -110,6 +110,7 @@ class Editor:
         if cfg.layer is None:
             cfg.layer = self.adapter.default_layer()
         self.adapter.check_layer(cfg.layer, "config.layer" if "layer" not in overrides else "layer")
+        cfg.spread = cfg.spread_at(cfg.layer)  # fixed here, so the records and the journal say how many
         self.config = cfg
         self.cache_root: Optional[Path] = None if cache_dir is False else resolve_cache_dir(
             None if cache_dir is True else cache_dir
@@ -191,7 +192,11 @@ class Editor:
         for layer in missing:
             if isinstance(arg, Mapping):
                 if layer not in arg:
-                    raise ValueError(f"stats: no entry for layer {layer} (entries for {sorted(arg)})")
+                    spread = self.config.spread
+                    why = (f"; an edit is shared among {spread} layers ending at its own (config.spread = {spread}), "
+                           "so each of them needs statistics: give them, or spread=1 for one-layer edits"
+                           if spread > 1 else "")
+                    raise ValueError(f"stats: no entry for layer {layer} (entries for {sorted(arg)}){why}")
                 per_layer[layer] = arg[layer]
             else:
                 per_layer[layer] = arg

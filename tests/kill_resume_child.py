@@ -24,10 +24,12 @@ from fastrome import editor as editor_module
 from fastrome import journal as journal_module
 from fastrome import sequential as sequential_module
 from fastrome.adapter import ModelAdapter
+from fastrome.config import CLASSIC
 from fastrome.sequential import CollapseRules, open_run, run_sequential
 
 LAYER = 3
-SETTINGS = dict(layer=LAYER, v_steps=3, template_lengths=((3, 2),), stats_tokens=3000, stats_max_len=64,
+# classic one-layer ROME unless the test's settings say otherwise
+SETTINGS = dict(CLASSIC, layer=LAYER, v_steps=3, template_lengths=((3, 2),), stats_tokens=3000, stats_max_len=64,
                 max_update_ratio=float("inf"), progress=False)
 
 
@@ -84,7 +86,7 @@ def main() -> None:
     summary = run_sequential(editor, records, out, every=100, ppl_texts=["The city is large and old."],
                              retention_sample=3, rules=CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=1e9,
                                                                      action="record"))
-    adapter, spread = ModelAdapter(model), extra.get("spread", 1)
+    adapter, spread = ModelAdapter(model), editor.config.spread
     save_file({"weight" if layer == LAYER else f"weight{layer}": adapter.weight(layer).detach().clone()
                for layer in range(LAYER - spread + 1, LAYER + 1)}, result)
     print(json.dumps({"applied": summary.applied, "done": [str(c) for c in editor.done_case_ids()]}))

@@ -43,7 +43,7 @@ def test_discovery_and_edit(kind, bytelevel_tokenizer):
     assert adapter.family == expected_family
     before = adapter.weight(1).detach().clone()
     ed = Editor(model, bytelevel_tokenizer, stats="identity", layer=1, cache_dir=False, v_steps=3,
-                template_lengths=((3, 2),), max_update_ratio=float("inf"))
+                template_lengths=((3, 2),), max_update_ratio=float("inf"), spread=1)
     with pytest.warns(UserWarning, match="statistics switched off"):
         rec = ed.edit(REQ)[0]
     assert rec.status == "applied"

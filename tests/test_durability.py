@@ -27,7 +27,7 @@ from fastrome.locking import FolderBusy
 from fastrome.sequential import CollapseRules, open_run, run_sequential
 from fastrome.stats import compute
 
-FAST = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False)
+FAST = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, spread=1)
 REQS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "case_id": 1},
     {"prompt": "{} was painted by", "subject": "The Mona Lisa", "target_new": "Pablo Picasso", "case_id": 2},

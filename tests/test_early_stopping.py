@@ -117,7 +117,8 @@ def test_a_probability_floor_stops_later_and_only_once_it_is_met(smollm2):
     assert float(target_probs_at(adapter, tok, LAYER, req, before.delta).min()) < 0.9
 
 
-@pytest.mark.parametrize("settings", [{"mpes_checks": 0, "mpes_min_prob": 0.5}, {"mpes_checks": 1, "mpes_min_prob": 1.0},
+@pytest.mark.parametrize("settings", [{"mpes_checks": 0, "mpes_min_prob": 0.5},
+                                      {"mpes_checks": 1, "mpes_min_prob": 1.0},
                                       {"mpes_checks": 1, "mpes_min_prob": -0.1},
                                       {"mpes_checks": 1, "mpes_min_prob": float("nan")}])
 def test_mpes_min_prob_is_validated(settings):

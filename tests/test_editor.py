@@ -19,7 +19,8 @@ from fastrome.stats import compute
 from fastrome.config import CLASSIC
 
 REQ = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
-FAST = dict(v_steps=6, template_lengths=((3, 4), (5, 3)), stats_tokens=4000, stats_max_len=128)
+# one-layer edits in the default mode (spread edits have their own tests)
+FAST = dict(v_steps=6, template_lengths=((3, 4), (5, 3)), stats_tokens=4000, stats_max_len=128, spread=1)
 # Random tiny models need large updates; the size cap has its own test.
 UNCAPPED = dict(FAST, max_update_ratio=float("inf"))
 

@@ -16,7 +16,7 @@ from fastrome.journal import Journal, apply_factors
 from fastrome.models import load_model
 
 FAST = dict(v_steps=4, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, stats="identity",
-            layer=1)
+            layer=1, spread=1)  # one-layer edits (spread edits' journaling: test_spread.py)
 REQS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "case_id": 1},
     {"prompt": "{} was painted by", "subject": "The Mona Lisa", "target_new": "Pablo Picasso", "case_id": 2},

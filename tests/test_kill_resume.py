@@ -51,7 +51,7 @@ def inputs(tmp_path_factory):
     return root
 
 
-LIFELONG = {"memory_beta": 0.5, "spread": 2, "mpes_checks": 1}
+LIFELONG = {"mode": "dual", "memory_beta": 0.5, "spread": 2, "mpes_checks": 1}  # the default's kind, smaller
 
 
 def child(saved_model, inputs, out, result, kill_at, cache, settings=None):

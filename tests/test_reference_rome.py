@@ -17,7 +17,7 @@ REQS = [
 ]
 TEMPLATES = ["{}", "Because it rained. {}", "I said that the story went on. {}"]
 # the reference is classic ROME: no edit memory, no early stopping (the mode is each test's)
-SETTINGS = dict(v_steps=5, max_update_ratio=float("inf"), memory_beta=0.0, mpes_checks=0)
+SETTINGS = dict(v_steps=5, max_update_ratio=float("inf"), memory_beta=0.0, mpes_checks=0, spread=1)
 
 
 @pytest.mark.parametrize("mode", ["original", "consistent"])

@@ -219,7 +219,7 @@ def test_batched_edits_recompute_each_numerator(make_tiny):
     edited key (the unprefixed one, in the default dual mode) then maps exactly to its target value."""
     model, tok = make_tiny("llama-bytelevel", layers=3)
     ed = Editor(model, tok, stats="identity", layer=1, cache_dir=False, v_steps=4, max_update_ratio=float("inf"),
-                template_lengths=((3, 2),))
+                template_lengths=((3, 2),), spread=1)
     with pytest.warns(UserWarning, match="statistics switched off"):
         report = ed.edit(REQS[:2], batch_size=2)
     assert [r.batch for r in report.records] == [2, 2] and all(r.applied for r in report.records)

@@ -13,7 +13,7 @@ from fastrome.adapter import ModelAdapter
 from fastrome.sequential import CollapseRules, open_run, run_sequential, validate_record
 
 KW = dict(v_steps=3, template_lengths=((3, 2),), max_update_ratio=float("inf"), cache_dir=False, stats="identity",
-          layer=1)
+          layer=1, spread=1)  # one-layer edits: the run's bookkeeping (spread edits have their own tests)
 PPL = ["The cat sat on the mat.", "Paris is the capital of France.", "Water boils at one hundred degrees."]
 
 

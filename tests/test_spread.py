@@ -77,17 +77,29 @@ def test_spread_edit_moves_the_residual_stream_by_delta(tiny, mode):
 
 
 def test_spread_of_one_is_the_one_layer_edit(make_tiny):
-    a, tok = make_tiny("llama-bytelevel")
-    b, _ = make_tiny("llama-bytelevel")
-    editor(a, tok, layer=2).edit(REQS)
-    editor(b, tok, layer=2, spread=1).edit(REQS)
-    assert all(same_bits(x, y) for x, y in zip(weights(a), weights(b)))
+    model, tok = make_tiny("llama-bytelevel")
+    before = weights(model)
+    ed = editor(model, tok, layer=2, spread=1)
+    records = ed.edit(REQS).records
+    assert all(rec.parts == [] for rec in records) and [e.layer for e in ed.journal] == [2, 2]
+    after = weights(model)
+    assert all(same_bits(after[i], before[i]) for i in range(len(before)) if i != 2)
+    moved = after[2].double() - before[2].double()
+    want = sum(torch.outer(e.lam.double(), e.u.double()) for e in ed.journal)
+    torch.testing.assert_close(moved, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_default_spread_is_four_layers_or_as_many_as_there_are_below(make_tiny):
+    model, tok = make_tiny("llama-bytelevel")
+    assert editor(model, tok, layer=3).config.spread == 4
+    assert editor(model, tok, layer=1).config.spread == 2
+    assert editor(model, tok, layer=3, value_norm="cap").config.spread == 1  # value-norm control: one layer
 
 
 def test_spread_shares_reduce_the_update_at_each_layer(make_tiny):
     one, tok = make_tiny("llama-bytelevel")
     three, _ = make_tiny("llama-bytelevel")
-    (single,) = editor(one, tok, layer=2).edit(REQS[0]).records
+    (single,) = editor(one, tok, layer=2, spread=1).edit(REQS[0]).records
     (spread,) = editor(three, tok, layer=2, spread=3).edit(REQS[0]).records
     # the same value optimisation; the last layer now writes a third of it, or what is left
     assert spread.delta_norm == pytest.approx(single.delta_norm)
