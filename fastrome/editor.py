@@ -436,7 +436,8 @@ class Editor:
                     rec = EditRecord(
                         index=len(self.history) + len(recs), case_id=req.case_id, prompt=req.text,
                         subject=req.subject, target_new=req.target_new, layer=layer, mode=self.config.mode,
-                        stats=self.stats_source(layer), settings=self.config.lifelong_settings(),
+                        stats="; ".join(self.stats_source(part) for part in self._spread_layers(layer)),
+                        settings=self.config.lifelong_settings(),
                     )
                     if i == 0:
                         rec.seconds["stats"] = stats_seconds
