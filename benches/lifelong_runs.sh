@@ -28,7 +28,7 @@ declare -A SETTINGS=(
   [original]="--classic --mode original"
 )
 if [[ "${1:-}" == "--list" || $# -lt 1 ]]; then
-  for name in "${!SETTINGS[@]}"; do echo "$name: ${SETTINGS[$name]:-(fastrome's defaults)}"; done | sort
+  for name in "${!SETTINGS[@]}"; do echo "$name: ${SETTINGS[$name]:-(the library defaults)}"; done | sort
   exit 0
 fi
 name=$1 edits=${2:-500} dataset=${DATASET:-counterfact}

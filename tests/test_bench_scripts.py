@@ -1,0 +1,31 @@
+"""The benchmark launchers parse and name their runs (they start hours of work, so a typo must
+fail at once, not after the model has loaded)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def lifelong(*args):
+    return subprocess.run(["bash", str(ROOT / "benches" / "lifelong_runs.sh"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_lifelong_runs_are_listed_with_their_settings():
+    out = lifelong("--list")
+    assert out.returncode == 0, out.stderr
+    runs = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    assert runs["default"] == "(the library defaults)" and runs["classic"] == "--classic"
+    assert all(value.startswith("--classic") for name, value in runs.items() if name != "default")
+
+
+def test_an_unknown_run_is_refused_before_any_work():
+    out = lifelong("no-such-run", "10")
+    assert out.returncode == 2 and "unknown run 'no-such-run'" in out.stderr
