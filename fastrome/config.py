@@ -59,7 +59,7 @@ class EditConfig:
     """
 
     layer: Optional[int] = None
-    # the defaults of the lifelong settings (mode, memory_beta, mpes_checks) are the combination
+    # the defaults of the lifelong settings (mode, spread, memory_beta, mpes_checks) are the combination
     # that measured best over long sequential runs; CLASSIC lists the classic ROME values
     mode: str = "dual"
     spread: Optional[int] = None
@@ -162,8 +162,7 @@ class EditConfig:
         factor = self.value_norm_factor
         if not (number(factor) and math.isfinite(factor) and factor > 0):
             raise bad("value_norm_factor", "a finite positive number")
-        if self.value_norm != "off" and isinstance(self.spread, int) and not isinstance(self.spread, bool) \
-                and self.spread > 1:
+        if self.value_norm != "off" and integer(self.spread) and self.spread > 1:
             raise bad("value_norm", "'off' with spread > 1 (a spread edit's target is a residual-stream change, "
                       "not one layer's value)")
         if self.spread is not None and (not integer(self.spread) or self.spread < 1):
