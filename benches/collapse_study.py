@@ -139,9 +139,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out}: this run was made with statistics {run['stats']!r}, not {editor.stats_source()!r}")
     settings = {k: v for k, v in editor.config.to_dict().items() if k != "extra"}
     # (the editor itself refuses a journal written with other lifelong settings; this covers the rest)
-    if run.get("settings") and json.loads(json.dumps(settings)) != run["settings"]:
-        changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != run["settings"].get(k))
-        raise SystemExit(f"{out}: this run was made with other settings ({', '.join(changed)})")
+    if run.get("settings"):  # a setting added after the run began was, for its edits, at its default
+        from fastrome.config import EditConfig
+
+        made = {**{k: v for k, v in EditConfig().to_dict().items() if k not in run["settings"]}, **run["settings"]}
+        changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != made.get(k))
+        if changed:
+            raise SystemExit(f"{out}: this run was made with other settings ({', '.join(changed)})")
     if run.get("sessions") and not run.get("settings"):  # a run from before full settings were recorded
         made = {"mode": run.get("mode"), **run.get("overrides", {})}
         changed = sorted(k for k, v in made.items() if v is not None and settings.get(k) != v)

@@ -23,6 +23,8 @@ declare -A SETTINGS=(
   [memory+mpes-p50+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
   [memory+mpes+spread]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
   [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
+  [memory1+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
+  [mpes+dual+spread]="--classic --mode dual --set mpes_checks=2 --set spread=4"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
   [null-space+memory]="--classic --set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection
   [original]="--classic --mode original"

@@ -14,10 +14,11 @@ from typing import Any, Dict, Optional, Tuple
 MODES = ("consistent", "original", "prompt", "dual")
 POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
+MEMORY_DUAL_KEYS = ("both", "prompt")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
 # resumed from its journal must keep them.
-LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "mpes_checks", "mpes_min_prob",
-                   "norm_alpha",
+LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys", "mpes_checks",
+                   "mpes_min_prob", "norm_alpha",
                    "value_norm", "value_norm_factor", "null_space")
 
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
@@ -92,6 +93,10 @@ class EditConfig:
     # refactorised from C and the keys every memory_refactor_every edits
     memory_beta: float = 0.02
     memory_refactor_every: int = 256
+    # which of a dual edit's two keys its memory keeps: "both" (k̄ and k_u) or "prompt" (k_u only).
+    # Each kept key claims a direction of the layer's key space (β·kᵀC⁻¹k ≫ 1: nearly a hard
+    # constraint), so "both" fills a d-dimensional layer after d/2 edits and "prompt" after d
+    memory_dual_keys: str = "both"
     # norm constraint (ENCORE's Frobenius term): α·I added to the solve, as a fraction of C's scale
     # (mean |diag C|), on top of the numerical ridge; trades ‖ΔW‖_F against interference on ordinary keys
     norm_alpha: float = 0.0
@@ -153,6 +158,8 @@ class EditConfig:
             raise bad("memory_beta", "a finite non-negative number (0: off)")
         if not integer(self.memory_refactor_every) or self.memory_refactor_every < 1:
             raise bad("memory_refactor_every", "a positive int")
+        if self.memory_dual_keys not in MEMORY_DUAL_KEYS:
+            raise bad("memory_dual_keys", f"one of {MEMORY_DUAL_KEYS}")
         if not (number(self.norm_alpha) and math.isfinite(self.norm_alpha) and self.norm_alpha >= 0):
             raise bad("norm_alpha", "a finite non-negative number (0: off)")
         if self.value_norm not in VALUE_NORMS:

@@ -263,8 +263,14 @@ class Editor:
                     raise ValueError(f"config.memory_beta: edit {e.edit_id} in the journal has no key (written "
                                      "before keys were kept), so the edit memory cannot be rebuilt; resume it "
                                      "with memory_beta=0")
-                keys.extend(e.key.reshape(-1, e.key.shape[-1]))
+                keys.extend(self._memory_rows(e.key))
         return keys
+
+    def _memory_rows(self, key: Tensor) -> List[Tensor]:
+        """The rows of an edit's solved key (1 or 2, d_in) its layer's memory keeps: a dual edit's
+        two keys (k̄, k_u), or only k_u with ``memory_dual_keys="prompt"``."""
+        rows = list(key.reshape(-1, key.shape[-1]))
+        return rows[-1:] if len(rows) == 2 and self.config.memory_dual_keys == "prompt" else rows
 
     @contextmanager
     def _unedited(self) -> Iterator[None]:
@@ -690,7 +696,7 @@ class Editor:
         if memory is None:
             return 0.0
         t0 = _now()
-        for row in key.reshape(-1, key.shape[-1]):  # the dual mode solves for (and keeps) two keys
+        for row in self._memory_rows(key):
             memory.add(row)
         return _now() - t0
 
@@ -742,6 +748,8 @@ class Editor:
         if not recorded:
             return
         now = self.config.lifelong_settings()
+        # a setting added after the journal was written was, for its edits, at its default
+        recorded = {**{k: v for k, v in EditConfig().lifelong_settings().items() if k not in recorded}, **recorded}
         differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
         if differ:
             said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))

@@ -111,6 +111,36 @@ def test_the_editor_keeps_both_keys_in_the_journal_and_the_memory(make_tiny, tmp
     assert torch.equal(resumed.solver(1).inverse, before[1])
 
 
+def test_the_memory_can_keep_only_the_prompt_key_of_a_dual_edit(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    kw = dict(mode="dual", memory_beta=2.0, memory_refactor_every=2, memory_dual_keys="prompt")
+    ed = editor(model, tok, journal=tmp_path / "j", **kw)
+    ed.edit(REQS)
+    # the journal still holds both keys (the edit is exact at both); the memory only k_u, one per edit
+    assert all(e.key.shape == (2, ed.adapter.d_in) for e in ed.journal)
+    mem = ed.solver(1)
+    assert len(mem.keys) == 3
+    assert all(torch.equal(kept, e.key[1]) for kept, e in zip(mem.keys, ed.journal))
+    fresh = EditMemory(mem.base, 2.0, 2)
+    for e in ed.journal:
+        fresh.add(e.key[1])
+    assert torch.equal(mem.inverse, fresh.inverse)
+    ed.undo(ed.journal.entries[1].edit_id)
+    assert [k.tolist() for k in mem.keys] == [e.key[1].tolist() for e in ed.journal]
+    before = mem.inverse.clone()
+    ed.close()
+    fresh_model, _ = make_tiny("llama-bytelevel", layers=3)
+    with pytest.raises(ValueError, match="memory_dual_keys='prompt'"):  # resumed with both keys: refused
+        editor(fresh_model, tok, journal=tmp_path / "j", **{**kw, "memory_dual_keys": "both"})
+    resumed = editor(fresh_model, tok, journal=tmp_path / "j", **kw)
+    assert torch.equal(resumed.solver(1).inverse, before)
+
+
+def test_memory_dual_keys_is_checked():
+    with pytest.raises(ValueError, match="memory_dual_keys"):
+        EditConfig(memory_dual_keys="mean").validate()
+
+
 def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path):
     model, tok = make_tiny("llama-bytelevel", layers=3)
     ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, journal=tmp_path / "j")
