@@ -27,6 +27,7 @@ from fastrome.interop import load_rome_npz
 from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
+from fastrome.peft_adapter import save_peft_adapter
 from fastrome.projection import ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
@@ -811,6 +812,15 @@ class Editor:
         """Write every applied edit's factors (safetensors + JSON; kilobytes per edit). Re-apply them
         to the base model with :func:`fastrome.load_edits`."""
         return save_edits(self.journal, self.journal.base_digests, path, self.adapter.model_type)
+
+    def save_peft(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write the applied edits as a PEFT LoRA adapter folder (``adapter_config.json``,
+        ``adapter_model.safetensors``; rank = edits per module, scale 1) for the unedited base
+        model: ``peft.PeftModel.from_pretrained(base, path)`` gives this editor's model. See
+        :mod:`fastrome.peft_adapter` for what is lost."""
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        return save_peft_adapter(self.journal.entries, self.adapter.module_template, path,
+                                 base_model_name_or_path=name, base_digests=self.journal.base_digests)
 
     def export(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the edited model (``save_pretrained``, safetensors), its tokenizer, and the edits
