@@ -28,6 +28,7 @@ from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, s
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
 from fastrome.peft_adapter import save_peft_adapter
+from fastrome.pretrained import SavedEdits, read_pretrained, write_pretrained
 from fastrome.projection import ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
@@ -812,6 +813,77 @@ class Editor:
         """Write every applied edit's factors (safetensors + JSON; kilobytes per edit). Re-apply them
         to the base model with :func:`fastrome.load_edits`."""
         return save_edits(self.journal, self.journal.base_digests, path, self.adapter.model_type)
+
+    def save_pretrained(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write the applied edits as a folder (``edits.safetensors``, ``fastrome.json`` with the base
+        weights' digests, config, statistics provenance and templates, and a README.md model card
+        listing every edited fact); :meth:`from_pretrained` replays it onto the base model."""
+        from fastrome import __version__
+
+        layers = sorted({e.layer for e in self.journal})
+        return write_pretrained(
+            path, self.journal.entries, self.journal.base_digests, config=self.config,
+            module_template=self.adapter.module_template, model_type=self.adapter.model_type,
+            base_model=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
+            templates=self._templates or self.journal.templates,
+            stats={layer: self._stats_source.get(layer, "not loaded in this session") for layer in layers},
+            requests=[group[0].request for group in _groups(self.journal.entries)], version=__version__,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        stats: StatsLike = None,
+        journal: Union[str, "os.PathLike[str]", None] = None,
+        cache_dir: Union[str, "os.PathLike[str]", None, bool] = None,
+        progress: Optional[bool] = None,
+        **overrides: Any,
+    ) -> "Editor":
+        """An editor holding the edits saved by :meth:`save_pretrained` in ``path``, replayed onto
+        ``model`` (the unedited base: its weights are checked against the saved digests before
+        anything is written; the edited weights come back bit for bit). The editor keeps the saved
+        config and context templates, can undo any of the edits and keeps editing; ``journal`` (a
+        new folder) records them and what follows on disk. ``overrides`` change non-lifelong fields
+        (a lifelong setting that differs from the saved edits' is refused)."""
+        saved = read_pretrained(path)
+        editor = cls(model, tokenizer, stats=stats, config=saved.config, module_template=saved.module_template,
+                     journal=journal, cache_dir=cache_dir, progress=progress, **overrides)
+        try:
+            editor._adopt(saved, f"from_pretrained {str(path)!r}")
+        except BaseException:
+            editor.journal.close()
+            raise
+        return editor
+
+    def _adopt(self, saved: SavedEdits, where: str) -> None:
+        """Take ``saved``'s edits as this (new) editor's own: check, record, replay."""
+        if len(self.journal):
+            raise ValueError(f"journal: {self.journal.path} already holds edits; {where} needs a new journal")
+        for e in saved.entries:
+            self.adapter.check_layer(e.layer, f"{where}: edit {e.edit_id}'s layer")
+            w = self.adapter.weight(e.layer)
+            if e.u.shape != (w.shape[1],) or e.lam.shape != (w.shape[0],):
+                raise ValueError(f"{where}: edit {e.edit_id} has factors {tuple(e.lam.shape)}×{tuple(e.u.shape)}, "
+                                 f"layer {e.layer}'s weight is {tuple(w.shape)}")
+        layers = sorted({e.layer for e in saved.entries})
+        lacking = [layer for layer in layers if layer not in saved.base_digests]
+        if lacking:
+            raise ValueError(f"{where}: no base-weight digest for layer {lacking[0]} (the folder is damaged)")
+        check_base(self.adapter, saved.base_digests, where)
+        for layer in layers:
+            self._base[layer] = self.adapter.weight(layer).detach().clone()
+            self.journal.note_base(layer, saved.base_digests[layer])
+        if saved.templates:
+            self.journal.note_templates(saved.templates)
+            self._templates = list(saved.templates)
+        for e in saved.entries:
+            self.journal.append(e)
+        self._check_settings()
+        self._rebuild(layers)
 
     def save_peft(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the applied edits as a PEFT LoRA adapter folder (``adapter_config.json``,
