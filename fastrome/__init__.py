@@ -19,7 +19,7 @@ from fastrome.models import greedy_complete, load_model
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError
 from fastrome.solver import CovarianceSolver
-from fastrome.stats import SecondMoment
+from fastrome.stats import SecondMoment, compute_stats
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "Journal",
     "Editor",
     "SecondMoment",
+    "compute_stats",
     "edit",
     "greedy_complete",
     "load_edits",

@@ -702,3 +702,37 @@ def load_or_compute(
             part = ckpt if world == 1 else ckpt.with_name(f"{ckpt.name}.rank{rank}of{world}")
             part.unlink(missing_ok=True)
     return found
+
+
+def compute_stats(
+    model: Any,
+    tokenizer: Any,
+    layers: Union[int, Sequence[int]],
+    *,
+    corpus: Union[Corpus, str, os.PathLike, None] = None,
+    tokens: Optional[int] = None,
+    max_len: int = 1024,
+    module_template: Optional[str] = None,
+    cache: Union[bool, str, os.PathLike] = True,
+    progress: Optional[bool] = None,
+) -> Dict[int, SecondMoment]:
+    """``{layer: SecondMoment}``: the key second moments of ``model``'s edited modules at ``layers``,
+    from one pass over ``corpus`` (None: the bundled Wikipedia text), pass them to ``Editor(stats=)``.
+
+    Args:
+        layers: one layer index or several.
+        tokens: token budget (default: ``default_token_budget(d_in)``).
+        module_template: the edited modules' dotted path with ``{}`` (default: found in the model).
+        cache: True for fastrome's cache folder, a folder, or False to compute without caching.
+    """
+    from fastrome.cache import cache_dir
+
+    adapter = ModelAdapter(model, module_template)
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
+    for layer in layers:
+        adapter.check_layer(layer, "layers")
+    if cache is False:
+        return compute(adapter, tokenizer, layers, corpus=corpus, tokens=tokens, max_len=max_len, progress=progress)
+    root = cache_dir(None if cache is True else cache)
+    return load_or_compute(adapter, tokenizer, layers, corpus=corpus, tokens=tokens, max_len=max_len,
+                           cache_root=root, progress=progress)
