@@ -27,6 +27,8 @@ def config_digest(config: Any) -> str:
     if config is None:
         return "no-config"
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    if "fastrome_gguf_source" in raw:  # a dequantised copy: the digest of the GGUF-loaded model it copies
+        raw["quantization_config"] = raw.pop("fastrome_gguf_source")
     clean = {k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_attn")}
     return json.dumps(clean, sort_keys=True, default=str)
 

@@ -68,6 +68,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    cache_dir: Union[str, os.PathLike, None, bool] = None,
 ) -> Tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` offline.
 
@@ -76,11 +77,32 @@ def load_model(
             with config and safetensors weights; or a ``.gguf`` file.
         dtype: parameter dtype (float32, bfloat16, float16).
         device: where to put the model.
+        cache_dir: cache root for the dequantised copy of a GGUF model (default: fastrome's cache;
+            False: dequantise at every load). See :mod:`fastrome.gguf_cache`.
     """
+    where, kwargs, _ = _resolve(name_or_path)
+    if "gguf_file" in kwargs and cache_dir is not False:
+        from fastrome import gguf_cache
+        from fastrome.cache import cache_dir as resolve_cache_dir
+
+        gguf = Path(where) / kwargs["gguf_file"]
+        folder = gguf_cache.cache_folder(gguf, resolve_cache_dir(None if cache_dir in (None, True) else cache_dir))
+        if not gguf_cache.is_complete(folder):
+            model, tokenizer = _load(where, kwargs, torch.float32)
+            if gguf_cache.write_copy(model, tokenizer, folder) is None:
+                return _finish(model if dtype == torch.float32 else model.to(dtype), tokenizer, device)
+            del model  # every load, first or later, returns the same plain model read from the copy
+        model, tokenizer = _load(str(folder), {"use_safetensors": True}, dtype)
+        model.config._name_or_path = where  # as the GGUF load names it
+        return _finish(model, tokenizer, device)
+    model, tokenizer = _load(where, kwargs, dtype)
+    return _finish(model, tokenizer, device)
+
+
+def _load(where: str, kwargs: dict, dtype: torch.dtype) -> Tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where, kwargs, _ = _resolve(name_or_path)
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the GGUF reader is chatty about dequantisation
@@ -92,6 +114,10 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    return model, tokenizer
+
+
+def _finish(model: nn.Module, tokenizer: Any, device: Union[str, torch.device]) -> Tuple[nn.Module, Any]:
     model = model.to(device).eval()
     _TOKENIZERS[model] = tokenizer
     return model, tokenizer
