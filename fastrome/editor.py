@@ -742,11 +742,11 @@ class Editor:
             self._base[layer] = self.adapter.weight(layer).detach().clone()
         self._rebuild(layers)
 
-    def _check_settings(self) -> None:
-        """A resumed run keeps the settings its edits were made with (journals from before these
-        settings were recorded carry none and are taken as they are)."""
-        recorded = next((e.record.get("settings") for e in reversed(self.journal.entries)
-                         if e.record.get("settings")), None)
+    def _check_settings(self, entries: Optional[List[JournalEntry]] = None) -> None:
+        """A resumed run keeps the settings its edits (``entries``, default the journal's) were made
+        with (journals from before these settings were recorded carry none and are taken as they are)."""
+        entries = self.journal.entries if entries is None else entries
+        recorded = next((e.record.get("settings") for e in reversed(entries) if e.record.get("settings")), None)
         if not recorded:
             return
         now = self.config.lifelong_settings()
@@ -874,6 +874,7 @@ class Editor:
         if lacking:
             raise ValueError(f"{where}: no base-weight digest for layer {lacking[0]} (the folder is damaged)")
         check_base(self.adapter, saved.base_digests, where)
+        self._check_settings(saved.entries)  # before anything is recorded or written
         for layer in layers:
             self._base[layer] = self.adapter.weight(layer).detach().clone()
             self.journal.note_base(layer, saved.base_digests[layer])
@@ -882,7 +883,6 @@ class Editor:
             self._templates = list(saved.templates)
         for e in saved.entries:
             self.journal.append(e)
-        self._check_settings()
         self._rebuild(layers)
 
     def save_peft(self, path: Union[str, "os.PathLike[str]"]) -> Path:

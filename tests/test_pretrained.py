@@ -98,11 +98,12 @@ def test_another_base_model_is_refused_before_any_write(make_tiny, saved):
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
 
 
-def test_a_different_lifelong_setting_is_refused(make_tiny, saved):
+def test_a_different_lifelong_setting_is_refused_before_anything_is_recorded(make_tiny, saved, tmp_path):
     _, out = saved
     base, tok = make(make_tiny)
     with pytest.raises(ValueError, match="memory_beta=0.5"):
-        quiet(Editor.from_pretrained, base, tok, out, stats=stats_for(base), memory_beta=0.1)
+        quiet(Editor.from_pretrained, base, tok, out, stats=stats_for(base), memory_beta=0.1, journal=tmp_path / "j")
+    assert not (tmp_path / "j" / "edits.jsonl").exists()
 
 
 def test_a_folder_without_saved_edits_is_refused(make_tiny, tmp_path):
