@@ -20,6 +20,8 @@ from torch import Tensor
 
 FULL_HASH_MAX = 1 << 22
 SAMPLE = 1 << 20
+# where a dequantised copy of a GGUF model records the GGUF loader's quantization_config (gguf_cache)
+GGUF_SOURCE_KEY = "fastrome_gguf_source"
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path")
 
 
@@ -27,8 +29,8 @@ def config_digest(config: Any) -> str:
     if config is None:
         return "no-config"
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    if "fastrome_gguf_source" in raw:  # a dequantised copy: the digest of the GGUF-loaded model it copies
-        raw["quantization_config"] = raw.pop("fastrome_gguf_source")
+    if GGUF_SOURCE_KEY in raw:  # a dequantised copy: the digest of the GGUF-loaded model it copies
+        raw["quantization_config"] = raw.pop(GGUF_SOURCE_KEY)
     clean = {k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS and not k.startswith("_attn")}
     return json.dumps(clean, sort_keys=True, default=str)
 

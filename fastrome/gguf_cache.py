@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-SOURCE_KEY = "fastrome_gguf_source"
+from fastrome.fingerprint import GGUF_SOURCE_KEY as SOURCE_KEY
 
 
 def cache_folder(gguf: Path, root: Path) -> Path:

@@ -92,7 +92,14 @@ def load_model(
             if gguf_cache.write_copy(model, tokenizer, folder) is None:
                 return _finish(model if dtype == torch.float32 else model.to(dtype), tokenizer, device)
             del model  # every load, first or later, returns the same plain model read from the copy
-        model, tokenizer = _load(str(folder), {"use_safetensors": True}, dtype)
+        try:
+            model, tokenizer = _load(str(folder), {"use_safetensors": True}, dtype)
+        except Exception as exc:  # a damaged copy: dequantise from the GGUF file, which stays the source
+            import warnings
+
+            warnings.warn(f"model cache: the dequantised copy in {folder} cannot be read ({exc}); loading "
+                          f"{gguf.name} itself (delete that folder to have it written again)", stacklevel=2)
+            return _finish(*_load(where, kwargs, dtype), device)
         model.config._name_or_path = where  # as the GGUF load names it
         return _finish(model, tokenizer, device)
     model, tokenizer = _load(where, kwargs, dtype)

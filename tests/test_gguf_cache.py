@@ -39,3 +39,8 @@ def test_the_second_load_reads_the_dequantised_copy(tmp_path):
     second.save_pretrained(tmp_path / "export", safe_serialization=True)
     half, _ = load_model(cache_dir=tmp_path, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
+    # a damaged copy is not a crash: one warning, and the GGUF file is read itself
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="cannot be read"):
+        again, _ = load_model(cache_dir=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
