@@ -26,8 +26,8 @@ from harness import DEVICE, sync
 
 from fastrome import CLASSIC, Editor
 from fastrome.adapter import ModelAdapter
-from fastrome.config import DEFAULT_SPREAD
 from fastrome.baselines.rome import ReferenceRome
+from fastrome.config import DEFAULT_SPREAD
 from fastrome.requests import parse_requests
 
 CPU = DEVICE == "cpu"

@@ -13,33 +13,57 @@ from fastrome import ops
 from fastrome.config import CLASSIC, EditConfig
 from fastrome.corpus import open_corpus
 from fastrome.editor import Editor, edit
+from fastrome.evaluation.counterfact import evaluate_case, load_counterfact, summarize
+from fastrome.evaluation.plots import plot_runs
+from fastrome.evaluation.single import evaluate_edits
+from fastrome.evaluation.zsre import evaluate_zsre_case, load_zsre
 from fastrome.guards import EditRefused
-from fastrome.journal import Journal, load_edits
+from fastrome.journal import Journal
+from fastrome.locking import FolderBusy
 from fastrome.models import greedy_complete, load_model
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError
+from fastrome.sequential import CollapseRules, RunSummary, open_run, run_sequential
 from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment, compute_stats
 
 __version__ = "0.1.0"
 
+# Exactly the surface README.md's "Python API" documents (tests/test_public_api.py holds them equal);
+# everything else is internal and may change.
 __all__ = [
+    # editing
     "CLASSIC",
-    "CovarianceSolver",
     "EditConfig",
     "EditRecord",
     "EditRefused",
     "EditReport",
     "EditRequest",
-    "RequestError",
-    "Journal",
     "Editor",
+    "FolderBusy",
+    "Journal",
+    "RequestError",
+    "edit",
+    # models
+    "greedy_complete",
+    "load_model",
+    # statistics
+    "CovarianceSolver",
     "SecondMoment",
     "compute_stats",
-    "edit",
-    "greedy_complete",
-    "load_edits",
-    "load_model",
     "open_corpus",
+    # evaluation and long runs
+    "CollapseRules",
+    "RunSummary",
+    "evaluate_case",
+    "evaluate_edits",
+    "evaluate_zsre_case",
+    "load_counterfact",
+    "load_zsre",
+    "open_run",
+    "plot_runs",
+    "run_sequential",
+    "summarize",
+    # kernels
     "ops",
 ]

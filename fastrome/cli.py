@@ -113,16 +113,17 @@ def _check_runtime(args: argparse.Namespace) -> None:
     _check_device(args.device)
 
 
-def _check_stats(value: Optional[str]) -> None:
-    """``--stats`` is a keyword or an existing path (a typo would otherwise surface only when the
-    statistics are first needed, after the model has loaded and completions have run)."""
-    from fastrome.editor import BUNDLED_WORDS, IDENTITY_WORDS
+def _check_stats(stats: Optional[str], corpus: Optional[str]) -> None:
+    """``--stats`` names statistics that exist and ``--corpus`` text that exists (a typo would
+    otherwise surface only when the statistics are first needed, after the model has loaded and
+    completions have run)."""
+    from fastrome.stats_source import check_sources
 
-    if value is None or value.lower() in IDENTITY_WORDS + BUNDLED_WORDS:
-        return
-    if not os.path.exists(value):
-        raise UsageError(f"--stats: {value!r} does not exist (give a .safetensors statistics file, a corpus file or "
-                         "folder, 'bundled' or 'identity')")
+    try:
+        check_sources(stats, corpus)
+    except ValueError as exc:
+        flag = "--corpus" if str(exc).startswith("corpus") else "--stats"
+        raise UsageError(f"{flag}: {str(exc).split(': ', 1)[1]}") from None
 
 
 def _check_writable(path: str, flag: str, *, folder: Optional[bool]) -> None:
@@ -159,7 +160,7 @@ def _check_edit_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--spread: {args.spread} layers ending at --layer {args.layer} would start below layer 0 "
                          f"(at most {args.layer + 1} there)")
     _check_runtime(args)
-    _check_stats(args.stats)
+    _check_stats(args.stats, args.corpus)
     _settings(args)
     if args.output:
         _check_writable(args.output, "--output", folder=True)
@@ -277,7 +278,7 @@ def _editor(model, tok, args: argparse.Namespace):
     flags = {"layer": args.layer, "mode": args.mode, "spread": args.spread, "policy": args.policy,
              "stats_tokens": args.tokens}
     overrides = {**_classic(args), **_settings(args), **{k: v for k, v in flags.items() if v is not None}}
-    return Editor(model, tok, stats=args.stats, progress=not args.json, **overrides)
+    return Editor(model, tok, stats=args.stats, corpus=args.corpus, progress=not args.json, **overrides)
 
 
 def _completions(model, tok, prompts: Sequence[str], n: int) -> Dict[str, str]:
@@ -314,8 +315,7 @@ def _run_edit(args: argparse.Namespace, requests: List[Dict[str, Any]], probes: 
             _print(f"refused: {exc}")
     after = _completions(model, tok, prompts, args.max_new_tokens)
     if args.output:
-        model.save_pretrained(args.output, safe_serialization=True)
-        tok.save_pretrained(args.output)
+        editor.save_merged(args.output)
     if args.json:
         out = report.to_dict()
         out["completions"] = {p: {"before": before[p], "after": after[p]} for p in prompts}
@@ -483,7 +483,7 @@ def _eval_sequential(args: argparse.Namespace, model, tok, cases, prefixes, *, p
              "stats_tokens": args.tokens}
     overrides = {"policy": "skip", **_classic(args), **_settings(args),
                  **{k: v for k, v in flags.items() if v is not None}}
-    editor = open_run(model, tok, args.sequential, stats=args.stats, progress=False,
+    editor = open_run(model, tok, args.sequential, stats=args.stats, corpus=args.corpus, progress=False,
                       **{k: v for k, v in overrides.items() if v is not None})
     summary = run_sequential(
         editor, records, args.sequential, every=args.every, ppl_texts=ppl_texts,
@@ -721,10 +721,15 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
                         "layer 3; 1 with --classic)")
     p.add_argument("--policy", choices=("raise", "skip", "force"), default=None)
     p.add_argument("--stats", default=None,
-                   help="statistics: a .safetensors file, a corpus file/folder, 'bundled' (default) or 'identity'")
+                   help="statistics: a file written by `fastrome stats`, a ROME .npz, or 'identity' (default: "
+                        "computed from --corpus and cached)")
+    p.add_argument("--corpus", default=None,
+                   help="text the statistics are computed from: a file, a folder, hf:NAME or 'bundled' (default)")
     p.add_argument("--tokens", type=int, default=None, help="token budget when statistics are computed")
     p.add_argument("--max-new-tokens", type=int, default=8, help="length of the greedy completions shown")
-    p.add_argument("--output", default=None, help="write the edited model (safetensors) to this folder")
+    p.add_argument("--output", default=None,
+                   help="write the edited model (safetensors) with its tokenizer to this folder, and the edits in "
+                        "its fastrome_edits/ subfolder")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
                    help="any EditConfig field, e.g. memory_beta=0.02 or mpes_checks=2 (repeatable; values "
                         "read as JSON)")

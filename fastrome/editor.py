@@ -24,7 +24,7 @@ from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
 from fastrome.interop import load_rome_npz
-from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, save_edits, weight_digest
+from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, weight_digest
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
 from fastrome.peft_adapter import save_peft_adapter
@@ -34,15 +34,13 @@ from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
-from fastrome.stats import SecondMoment, is_statistics_file, layer_fingerprint, load_or_compute
+from fastrome.stats import SecondMoment, layer_fingerprint, load_or_compute
+from fastrome.stats_source import CorpusLike, StatsLike, check_sources, corpus_source, is_identity, statistics_file_kind
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
 from fastrome.values import ValueResult, check_request, frozen, optimize_values
 
-IDENTITY_WORDS = ("identity", "none", "off")
-BUNDLED_WORDS = ("bundled", "default")
-
-StatsLike = Union[None, str, "os.PathLike[str]", Tensor, SecondMoment, CovarianceSolver, Mapping[int, Any], bool]
+MERGED_EDITS = "fastrome_edits"  # the subfolder of a save_merged folder that holds its edits
 
 
 @dataclass
@@ -72,12 +70,15 @@ class Editor:
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2, GPT-J, ...).
         tokenizer: its tokenizer.
         stats: key statistics for the solve ``u = C⁻¹k``:
-            ``None`` (default): computed from the bundled Wikipedia corpus and cached on disk;
-            a path to a ``.txt``/``.jsonl`` file or folder: computed from that corpus and cached;
+            ``None`` (default): computed from ``corpus`` and cached on disk;
             a ``.safetensors`` file written by ``fastrome stats``; a ROME / EasyEdit ``.npz``
             second moment (``mom2`` and ``count``; the model cannot be verified); a :class:`SecondMoment`;
             a (d, d) tensor ``C``; a :class:`CovarianceSolver`; ``"identity"`` to opt out
-            (``C = I``, warned about and recorded in every report); or a ``{layer: ...}`` mapping.
+            (``C = I``, warned about and recorded in every report); or a ``{layer: ...}`` mapping
+            of those (a ``None`` entry is computed).
+        corpus: the text statistics are computed from when ``stats`` leaves them to compute:
+            ``None`` / ``"bundled"`` (the bundled Wikipedia text), a ``.txt``/``.jsonl``/``.parquet``
+            file, token ids, a folder of them or ``hf:NAME`` (see :func:`fastrome.open_corpus`).
         config: an :class:`EditConfig`; keyword ``overrides`` (``layer=``, ``mode=``, ``policy=``,
             ...) replace its fields.
         module_template: path of the edited module with ``{}`` for the layer (discovered if None).
@@ -97,6 +98,7 @@ class Editor:
         tokenizer: Any,
         *,
         stats: StatsLike = None,
+        corpus: CorpusLike = None,
         config: Optional[EditConfig] = None,
         module_template: Optional[str] = None,
         cache_dir: Union[str, "os.PathLike[str]", None, bool] = None,
@@ -118,8 +120,9 @@ class Editor:
             None if cache_dir is True else cache_dir
         )
         self.progress = progress
+        check_sources(stats, corpus)
         self._stats_arg = stats
-        _check_stats_arg(stats)
+        self._corpus = corpus_source(corpus)
         self._solvers: Dict[int, CovarianceSolver] = {}
         self._projectors: Dict[int, Tuple[Tensor, int]] = {}  # null-space projectors until their solver is built
         self._stats_source: Dict[int, str] = {}
@@ -202,21 +205,17 @@ class Editor:
                 per_layer[layer] = arg[layer]
             else:
                 per_layer[layer] = arg
-        # Layers whose statistics come from a corpus are computed together, in one pass.
-        corpus_layers: Dict[Any, List[int]] = defaultdict(list)
+        to_compute = [layer for layer, spec in per_layer.items() if spec is None]
         for layer, spec in per_layer.items():
-            if _is_corpus_spec(spec):
-                corpus_layers[None if spec is None else str(spec)].append(layer)
-            else:
+            if spec is not None:
                 # a statistics file is checked against the unedited model it was computed on
                 with self._unedited():
                     self._solvers[layer], self._stats_source[layer] = self._solver_from(layer, spec)
         cfg = self.config
-        for corpus, layers in corpus_layers.items():
-            source = None if corpus is None or corpus.lower() in BUNDLED_WORDS else corpus
+        if to_compute:  # computed together, in one pass over the corpus
             with self._unedited():
                 found = load_or_compute(
-                    self.adapter, self.tokenizer, layers, corpus=source, tokens=cfg.stats_tokens,
+                    self.adapter, self.tokenizer, to_compute, corpus=self._corpus, tokens=cfg.stats_tokens,
                     max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
                     batch_tokens=cfg.stats_batch_tokens, packing=cfg.stats_packing, cache_root=self.cache_root,
                     progress=self.progress,
@@ -303,7 +302,7 @@ class Editor:
 
     def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
         d, device = self.adapter.d_in, self.adapter.device(layer)
-        if spec is False or (isinstance(spec, str) and spec.lower() in IDENTITY_WORDS):
+        if is_identity(spec):
             warnings.warn(
                 f"statistics switched off at layer {layer} (stats={spec!r}): edits use C = I, which ignores "
                 "the key distribution and damages unrelated facts more; every report records this",
@@ -320,7 +319,7 @@ class Editor:
             self._note_projector(layer, spec)
             return CovarianceSolver(spec, relative_ridge=self.config.ridge + self.config.norm_alpha, device=device,
                                     source=f"stats[{layer}] (user-supplied C)"), "user-supplied C"
-        if isinstance(spec, (str, os.PathLike)) and _statistics_file_kind(str(spec)) == "rome-npz":
+        if isinstance(spec, (str, os.PathLike)) and statistics_file_kind(spec) == "rome-npz":
             sm = load_rome_npz(spec, layer=layer)
             sm.check(layer=layer, dim=d, model_fingerprint=None, source=str(spec))
             return self._solver_from_moment(layer, sm.to_device(device)), f"{sm.describe()} ({spec}, unverified model)"
@@ -809,11 +808,6 @@ class Editor:
             raise ValueError(f"n: expected 0..{len(groups)} (edits in the journal), got {n!r}")
         return self.undo([group[0].edit_id for group in groups[len(groups) - n:]]) if n else []
 
-    def save_edits(self, path: Union[str, "os.PathLike[str]"]) -> Path:
-        """Write every applied edit's factors (safetensors + JSON; kilobytes per edit). Re-apply them
-        to the base model with :func:`fastrome.load_edits`."""
-        return save_edits(self.journal, self.journal.base_digests, path, self.adapter.model_type)
-
     def save_pretrained(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the applied edits as a folder (``edits.safetensors``, ``fastrome.json`` with the base
         weights' digests, config, statistics provenance and templates, and a README.md model card
@@ -838,6 +832,7 @@ class Editor:
         path: Union[str, "os.PathLike[str]"],
         *,
         stats: StatsLike = None,
+        corpus: CorpusLike = None,
         journal: Union[str, "os.PathLike[str]", None] = None,
         cache_dir: Union[str, "os.PathLike[str]", None, bool] = None,
         progress: Optional[bool] = None,
@@ -850,8 +845,9 @@ class Editor:
         new folder) records them and what follows on disk. ``overrides`` change non-lifelong fields
         (a lifelong setting that differs from the saved edits' is refused)."""
         saved = read_pretrained(path)
-        editor = cls(model, tokenizer, stats=stats, config=saved.config, module_template=saved.module_template,
-                     journal=journal, cache_dir=cache_dir, progress=progress, **overrides)
+        editor = cls(model, tokenizer, stats=stats, corpus=corpus, config=saved.config,
+                     module_template=saved.module_template, journal=journal, cache_dir=cache_dir, progress=progress,
+                     **overrides)
         try:
             editor._adopt(saved, f"from_pretrained {str(path)!r}")
         except BaseException:
@@ -894,15 +890,17 @@ class Editor:
         return save_peft_adapter(self.journal.entries, self.adapter.module_template, path,
                                  base_model_name_or_path=name, base_digests=self.journal.base_digests)
 
-    def export(self, path: Union[str, "os.PathLike[str]"]) -> Path:
-        """Write the edited model (``save_pretrained``, safetensors), its tokenizer, and the edits
-        (``edits.safetensors``) to the folder ``path``."""
+    def save_merged(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Write the edited model itself as a plain transformers folder (``save_pretrained``,
+        safetensors) with its tokenizer, loadable without fastrome; the edits that made it go
+        beside, in ``path/fastrome_edits`` (the :meth:`save_pretrained` folder: which facts, on
+        which base)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(path)
-        self.save_edits(path / "edits.safetensors")
+        self.save_pretrained(path / MERGED_EDITS)
         return path
 
 
@@ -946,54 +944,13 @@ def _stderr_is_tty() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def _is_corpus_spec(spec: Any) -> bool:
-    if spec is None:
-        return True
-    if isinstance(spec, (str, os.PathLike)):
-        s = str(spec)
-        if s.lower() in IDENTITY_WORDS:
-            return False
-        if s.lower() in BUNDLED_WORDS:
-            return True
-        return _statistics_file_kind(s) is None
-    return False
-
-
-def _statistics_file_kind(path: str) -> Optional[str]:
-    """``"fastrome"`` or ``"rome-npz"`` when ``path`` is a statistics file, None otherwise (a
-    ``.safetensors`` file of token ids is a corpus)."""
-    if path.lower().endswith(".npz"):
-        return "rome-npz"
-    if path.lower().endswith(".safetensors"):
-        return "fastrome" if is_statistics_file(path) else None
-    return None
-
-
-def _check_stats_arg(stats: Any) -> None:
-    """Early, cheap validation of ``stats`` so a wrong value fails at construction."""
-    specs = stats.values() if isinstance(stats, Mapping) else [stats]
-    for spec in specs:
-        if spec is None or spec is False or isinstance(spec, (Tensor, SecondMoment, CovarianceSolver)):
-            continue
-        if isinstance(spec, (str, os.PathLike)):
-            s = str(spec)
-            if s.lower() in IDENTITY_WORDS + BUNDLED_WORDS:
-                continue
-            if not os.path.exists(s):
-                raise ValueError(
-                    f"stats: {s!r} does not exist (give a .safetensors statistics file, a corpus file or "
-                    f"folder, 'bundled', or 'identity')"
-                )
-            continue
-        raise ValueError(f"stats: unsupported value of type {type(spec).__name__}")
-
-
 def edit(
     model: nn.Module,
     requests: Union[RequestLike, Iterable[RequestLike]],
     *,
     tokenizer: Any = None,
     stats: StatsLike = None,
+    corpus: CorpusLike = None,
     config: Optional[EditConfig] = None,
     **overrides: Any,
 ) -> EditReport:
@@ -1004,6 +961,7 @@ def edit(
         requests: one request or a list (CounterFact dicts, flat dicts or :class:`EditRequest`).
         tokenizer: the model's tokenizer (inferred for models loaded by :func:`fastrome.load_model`).
         stats: key statistics, see :class:`Editor`.
+        corpus: text to compute them from when ``stats`` is None, see :class:`Editor`.
         config: an :class:`EditConfig`; ``overrides`` replace its fields (``layer=5, mode="original"``).
 
     Returns:
@@ -1013,4 +971,4 @@ def edit(
 
     if tokenizer is None:
         tokenizer = infer_tokenizer(model)
-    return Editor(model, tokenizer, stats=stats, config=config, **overrides).edit(requests)
+    return Editor(model, tokenizer, stats=stats, corpus=corpus, config=config, **overrides).edit(requests)

@@ -17,7 +17,8 @@ the line carries the factors' sha256. A crash or power loss leaves either a comp
 last line, which is dropped on open; a factor file that does not match its line's digest, or holds
 non-finite values, is refused by name before anything is written. One writer at a time holds the
 folder (:class:`~fastrome.locking.FolderLock`); :meth:`Journal.read` opens one to look at.
-:func:`save_edits` / :func:`load_edits` use a single safetensors file with the same content.
+:func:`save_edits` / :func:`read_edits` keep the same content in one safetensors file (the edits file of
+:meth:`fastrome.Editor.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastrome import ops
 from fastrome.adapter import ModelAdapter
@@ -356,34 +357,3 @@ def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
     except Exception as exc:  # safetensors and json raise several types for damaged files
         raise ValueError(f"edits: {str(path)!r} cannot be read ({exc})") from None
     return entries, digests
-
-
-def load_edits(model: nn.Module, path: PathLike, *, module_template: Optional[str] = None) -> List[JournalEntry]:
-    """Re-apply the edits saved in ``path`` to ``model`` (the unedited base model), in order.
-
-    bf16/fp16 weights are written through a fresh fp32 master copy, exactly as the editor did, so
-    the result equals the edited model that saved them. Checks every layer's base weight first;
-    nothing is written if any check fails.
-
-    Every factor is read and verified (sha256 and finiteness) before the first write.
-
-    Returns:
-        The entries applied.
-    """
-    entries, digests = read_edits(path)
-    adapter = ModelAdapter(model, module_template)
-    for e in entries:
-        adapter.check_layer(e.layer, f"edits[{e.edit_id}].layer")
-        w = adapter.weight(e.layer)
-        if e.u.shape != (w.shape[1],) or e.lam.shape != (w.shape[0],):
-            raise ValueError(f"edits: edit {e.edit_id} has factors {tuple(e.lam.shape)}×{tuple(e.u.shape)}, "
-                             f"layer {e.layer}'s weight is {tuple(w.shape)}")
-    check_base(adapter, digests, "load_edits")
-    masters: Dict[int, Optional[Tensor]] = {}
-    with torch.no_grad():
-        for e in entries:
-            w = adapter.weight(e.layer)
-            if e.layer not in masters:
-                masters[e.layer] = None if w.dtype in (torch.float32, torch.float64) else w.detach().float()
-            apply_factors(w, e.u, e.lam, masters[e.layer])
-    return entries

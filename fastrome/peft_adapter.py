@@ -14,7 +14,6 @@ its own precision; a spread edit is one LoRA pair at each layer it wrote.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union

@@ -3,7 +3,7 @@
 ``Editor.save_pretrained(folder)`` writes::
 
     edits.safetensors   every applied edit: factors u, Λ and the solved keys (fp32), with the
-                        requests, records and sha256 of each (the :func:`fastrome.save_edits` format)
+                        requests, records and sha256 of each (:func:`fastrome.journal.save_edits`)
     fastrome.json       the base weights' digests, the editor's config, the statistics each edited
                         layer was solved with, the context templates, the fastrome version
     README.md           a model card listing every edited fact (subject, prompt, old → new)

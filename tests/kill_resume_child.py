@@ -82,7 +82,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = json.loads(Path(records_json).read_text())
     arm(kill_at)
-    editor = open_run(model, tok, out, stats=corpus, **{**SETTINGS, **extra})
+    editor = open_run(model, tok, out, corpus=corpus, **{**SETTINGS, **extra})
     summary = run_sequential(editor, records, out, every=100, ppl_texts=["The city is large and old."],
                              retention_sample=3, rules=CollapseRules(sentinel_ppl_ratio=1e9, sentinel_jump=1e9,
                                                                      action="record"))

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from fastrome import Editor, EditConfig
+from fastrome import EditConfig, Editor
 from fastrome.adapter import ModelAdapter
 from fastrome.memory import EditMemory
 from fastrome.solver import CovarianceSolver

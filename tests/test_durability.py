@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastrome import EditConfig, Editor, Journal, RequestError, load_edits
+from fastrome import EditConfig, Editor, Journal, RequestError
 from fastrome import editor as editor_module
 from fastrome import sequential as sequential_module
 from fastrome import values as values_module
@@ -190,24 +191,32 @@ def test_a_non_finite_factor_in_the_journal_is_refused_before_any_write(make_tin
     _resume_is_refused(make_tiny, tok, tmp_path / "j", r"000001\.safetensors: edit 1's factors are not finite")
 
 
-def test_load_edits_verifies_every_factor_before_the_first_write(make_tiny, tmp_path):
+def test_from_pretrained_verifies_every_factor_before_the_first_write(make_tiny, tmp_path):
     model, tok = make_tiny("llama-bytelevel", layers=3)
     ed = editor(model, tok)
     run(ed, REQS)
-    path = ed.save_edits(tmp_path / "edits.safetensors")
-    with safe_open(str(path), framework="pt") as f:
+    path = ed.save_pretrained(tmp_path / "edits")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    with safe_open(str(path / "edits.safetensors"), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors["2.lam"][0] = float("nan")  # the last edit: the first two would be written before it
-    save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata=meta)
+    save_file(tensors, str(damaged / "edits.safetensors"), metadata=meta)
     fresh, _ = make_tiny("llama-bytelevel", layers=3)
     before = weights(fresh)
-    with pytest.raises(ValueError, match=r"edits file '.*damaged\.safetensors': edit 2's factors") as err:
-        load_edits(fresh, tmp_path / "damaged.safetensors")
+    with pytest.raises(ValueError, match=r"damaged.edits\.safetensors.*edit 2's factors") as err:
+        replay(fresh, tok, damaged)
     assert "journal" not in str(err.value)
     assert same(weights(fresh), before)
-    load_edits(fresh, path)  # the intact file still loads
+    replay(fresh, tok, path)  # the intact folder still loads
     assert same(weights(fresh), weights(model))
+
+
+def replay(model, tok, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identity statistics warn, on purpose
+        return Editor.from_pretrained(model, tok, path, stats="identity", cache_dir=False)
 
 
 # -- durability order ----------------------------------------------------------------------------

@@ -12,11 +12,11 @@ import torch
 import fastrome
 from fastrome import CovarianceSolver, Editor, EditRefused
 from fastrome.adapter import ModelAdapter
+from fastrome.config import CLASSIC
 from fastrome.keys import capture_at
 from fastrome.prompts import edit_prompts
 from fastrome.requests import parse_requests
 from fastrome.stats import compute
-from fastrome.config import CLASSIC
 
 REQ = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 # one-layer edits in the default mode (spread edits have their own tests)

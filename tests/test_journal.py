@@ -1,5 +1,5 @@
-"""The journal: undo (bit-exact for the last edits), save/load of the factors onto a fresh base
-model, export, and resuming an interrupted run from an on-disk journal."""
+"""The journal: undo (bit-exact for the last edits), the saved edits replayed onto a fresh base
+model, the merged model written out, and resuming an interrupted run from an on-disk journal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from kernel_checks import same_bits
 
-from fastrome import Editor, load_edits
+from fastrome import Editor
 from fastrome.adapter import ModelAdapter
 from fastrome.journal import Journal, apply_factors
 from fastrome.models import load_model
@@ -87,10 +87,10 @@ def test_saved_edits_reproduce_the_edited_model_on_a_fresh_base(make_tiny, tmp_p
     model, tok = make_tiny("llama-sentencepiece", dtype=dtype)
     ed = editor(model, tok)
     run(ed, REQS[:3])
-    path = ed.save_edits(tmp_path / "edits.safetensors")
-    assert path.stat().st_size < 64 * 1024 * 3  # kilobytes per edit, not a model copy
+    path = ed.save_pretrained(tmp_path / "edits")
+    assert (path / "edits.safetensors").stat().st_size < 64 * 1024 * 3  # kilobytes per edit, not a model copy
     fresh, _ = make_tiny("llama-sentencepiece", dtype=dtype)
-    entries = load_edits(fresh, path)
+    entries = load_edits(fresh, tok, path).journal.entries
     assert [e.edit_id for e in entries] == [0, 1, 2] and entries[0].request["subject"] == "The Eiffel Tower"
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert same_bits(a, b), name
@@ -100,26 +100,37 @@ def test_saved_edits_reproduce_the_edited_model_on_a_fresh_base(make_tiny, tmp_p
     # applied twice, or onto another model: refused before anything is written
     before = ModelAdapter(fresh).weight(1).detach().clone()
     with pytest.raises(ValueError, match="not the base weight"):
-        load_edits(fresh, path)
+        load_edits(fresh, tok, path)
     assert same_bits(ModelAdapter(fresh).weight(1), before)
     other, _ = make_tiny("llama-sentencepiece", dtype=dtype, seed=9)
     with pytest.raises(ValueError, match="not the base weight"):
-        load_edits(other, path)
-    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 32)
-    with pytest.raises(ValueError, match="bad.safetensors"):
-        load_edits(other, tmp_path / "bad.safetensors")
+        load_edits(other, tok, path)
+    (path / "edits.safetensors").write_bytes(b"\x00" * 32)
+    with pytest.raises(ValueError, match="edits.safetensors"):
+        load_edits(other, tok, path)
 
 
-def test_export_writes_a_loadable_edited_model(make_tiny, tmp_path):
+def load_edits(model, tok, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identity statistics warn, on purpose
+        return Editor.from_pretrained(model, tok, path, stats="identity", cache_dir=False)
+
+
+def test_save_merged_writes_a_loadable_edited_model_with_its_edits_beside(make_tiny, tmp_path):
     model, tok = make_tiny("llama-sentencepiece")
     ed = editor(model, tok)
     run(ed, REQS[:2])
-    out = ed.export(tmp_path / "edited")
+    out = ed.save_merged(tmp_path / "edited")
     loaded, tok2 = load_model(out)
     ids = tok("The Mona Lisa was painted by", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    assert (out / "edits.safetensors").is_file()
+    # the edits beside it name the base they apply to: the merged model is not that base
+    fresh, _ = make_tiny("llama-sentencepiece")
+    replayed = load_edits(fresh, tok, out / "fastrome_edits")
+    assert len(replayed.journal) == 2 and all(same_bits(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    with pytest.raises(ValueError, match="not the base weight"):
+        load_edits(loaded, tok2, out / "fastrome_edits")
 
 
 def test_interrupted_run_resumes_from_its_journal_with_nothing_lost_or_repeated(make_tiny, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kernel_checks import same_bits
 
-from fastrome import Editor, EditRefused, load_edits
+from fastrome import Editor, EditRefused
 from fastrome.adapter import ModelAdapter
 from fastrome.keys import capture_residual
 from fastrome.prompts import edit_prompts
@@ -116,9 +116,9 @@ def test_undo_replay_and_export_treat_a_spread_edit_as_one(make_tiny, tmp_path):
     edited = weights(model)
     assert [e.layer for e in ed.journal] == [1, 2, 1, 2]
     assert ed.done_case_ids() == [1, 2] and [r["case_id"] for r in ed.applied_records()] == [1, 2]
-    path = ed.save_edits(tmp_path / "edits.safetensors")
+    path = ed.save_pretrained(tmp_path / "edits")
     fresh, _ = make_tiny("llama-bytelevel")
-    load_edits(fresh, path)
+    Editor.from_pretrained(fresh, tok, path, stats=second_moments(fresh))
     assert all(same_bits(x, y) for x, y in zip(weights(fresh), edited))
     # naming any one layer's id undoes the whole edit
     last_part = ed.journal.entries[-1].edit_id
@@ -219,7 +219,7 @@ def test_statistics_are_the_unedited_models_also_in_a_resumed_run(make_tiny, tmp
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"{i}: Rome is the capital of Italy. The Nile flows north." * (1 + i % 3)
                                   for i in range(40)), encoding="utf-8")
-    kw = {**FAST, "stats": str(corpus), "stats_tokens": 600, "stats_max_len": 48, "layer": 2, "spread": 2}
+    kw = {**FAST, "corpus": str(corpus), "stats_tokens": 600, "stats_max_len": 48, "layer": 2, "spread": 2}
     model, tok = make_tiny("llama-bytelevel")
     ed = Editor(model, tok, journal=tmp_path / "j", **kw)
     probe = torch.randn(ModelAdapter(model).d_in, generator=torch.Generator().manual_seed(3))

@@ -176,7 +176,7 @@ def test_editor_takes_a_statistics_file_and_rejects_the_wrong_model(make_tiny, s
 
 def test_editor_computes_default_statistics_from_a_corpus_path(make_tiny, small_corpus, tmp_path):
     model, tok = make_tiny("llama-bytelevel")
-    ed = Editor(model, tok, stats=str(small_corpus), layer=1, cache_dir=tmp_path, stats_tokens=400, stats_max_len=64)
+    ed = Editor(model, tok, corpus=str(small_corpus), layer=1, cache_dir=tmp_path, stats_tokens=400, stats_max_len=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing here may warn: no identity fallback, no ridge escalation
         solver = ed.solver(1)
