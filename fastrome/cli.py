@@ -121,9 +121,8 @@ def _check_stats(stats: Optional[str], corpus: Optional[str]) -> None:
 
     try:
         check_sources(stats, corpus)
-    except ValueError as exc:
-        flag = "--corpus" if str(exc).startswith("corpus") else "--stats"
-        raise UsageError(f"{flag}: {str(exc).split(': ', 1)[1]}") from None
+    except ValueError as exc:  # its messages start with the argument's name, "stats: ..." or "corpus: ..."
+        raise UsageError(f"--{exc}") from None
 
 
 def _check_writable(path: str, flag: str, *, folder: Optional[bool]) -> None:
@@ -586,10 +585,10 @@ def _check_stats_flags(args: argparse.Namespace) -> None:
 
 def _open_corpus(args: argparse.Namespace):
     from fastrome.corpus import open_corpus
+    from fastrome.stats_source import corpus_source
 
     try:
-        return open_corpus(None if args.corpus in (None, "bundled", "default") else args.corpus, seed=args.seed,
-                           text_field=args.text_field)
+        return open_corpus(corpus_source(args.corpus), seed=args.seed, text_field=args.text_field)
     except (ValueError, TypeError, ImportError) as exc:
         raise UsageError(f"--corpus: {exc}") from None
 

@@ -90,7 +90,7 @@ def test_saved_edits_reproduce_the_edited_model_on_a_fresh_base(make_tiny, tmp_p
     path = ed.save_pretrained(tmp_path / "edits")
     assert (path / "edits.safetensors").stat().st_size < 64 * 1024 * 3  # kilobytes per edit, not a model copy
     fresh, _ = make_tiny("llama-sentencepiece", dtype=dtype)
-    entries = load_edits(fresh, tok, path).journal.entries
+    entries = replay(fresh, tok, path).journal.entries
     assert [e.edit_id for e in entries] == [0, 1, 2] and entries[0].request["subject"] == "The Eiffel Tower"
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert same_bits(a, b), name
@@ -100,17 +100,17 @@ def test_saved_edits_reproduce_the_edited_model_on_a_fresh_base(make_tiny, tmp_p
     # applied twice, or onto another model: refused before anything is written
     before = ModelAdapter(fresh).weight(1).detach().clone()
     with pytest.raises(ValueError, match="not the base weight"):
-        load_edits(fresh, tok, path)
+        replay(fresh, tok, path)
     assert same_bits(ModelAdapter(fresh).weight(1), before)
     other, _ = make_tiny("llama-sentencepiece", dtype=dtype, seed=9)
     with pytest.raises(ValueError, match="not the base weight"):
-        load_edits(other, tok, path)
+        replay(other, tok, path)
     (path / "edits.safetensors").write_bytes(b"\x00" * 32)
     with pytest.raises(ValueError, match="edits.safetensors"):
-        load_edits(other, tok, path)
+        replay(other, tok, path)
 
 
-def load_edits(model, tok, path):
+def replay(model, tok, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # identity statistics warn, on purpose
         return Editor.from_pretrained(model, tok, path, stats="identity", cache_dir=False)
@@ -127,10 +127,10 @@ def test_save_merged_writes_a_loadable_edited_model_with_its_edits_beside(make_t
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     # the edits beside it name the base they apply to: the merged model is not that base
     fresh, _ = make_tiny("llama-sentencepiece")
-    replayed = load_edits(fresh, tok, out / "fastrome_edits")
+    replayed = replay(fresh, tok, out / "fastrome_edits")
     assert len(replayed.journal) == 2 and all(same_bits(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
     with pytest.raises(ValueError, match="not the base weight"):
-        load_edits(loaded, tok2, out / "fastrome_edits")
+        replay(loaded, tok2, out / "fastrome_edits")
 
 
 def test_interrupted_run_resumes_from_its_journal_with_nothing_lost_or_repeated(make_tiny, tmp_path):
