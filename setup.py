@@ -102,9 +102,9 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     # every sub-package of fastrome/ (tests/test_wheel_smoke.py imports each from the installed wheel)
-    packages=["fastrome", "fastrome.data", "fastrome.kernels"]
+    packages=["fastrome", "fastrome.data"]
     + ["fastrome." + p for p in find_packages("fastrome") if p != "data"],
-    package_dir={"fastrome": "fastrome", "fastrome.kernels": "kernels"},
+    package_dir={"fastrome": "fastrome"},
     package_data={"fastrome.data": ["*.xz", "NOTICE"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -2,7 +2,7 @@
 
 Every op has a pure-PyTorch reference (:mod:`fastrome.reference`) and, where built or installed,
 kernels: ``cpp`` (C++ CPU, ``csrc/cpu``), ``cuda`` (``csrc/cuda``) and ``triton``
-(``kernels/``, also on CPU tensors under ``TRITON_INTERPRET=1``). Dispatch picks, per call, the
+(``fastrome/kernels/``, also on CPU tensors under ``TRITON_INTERPRET=1``). Dispatch picks, per call, the
 first backend in :data:`PREFERENCE` for the op and the tensors' device that is available; the
 order per op comes from the benchmarks in ``benches/`` (``fastrome info`` shows the choice).
 

@@ -1,4 +1,4 @@
-"""Tests of the Triton kernels (``kernels/``, installed as ``fastrome.kernels``) through the public ops.
+"""Tests of the Triton kernels (``fastrome.kernels``) through the public ops.
 
 With a CUDA device they run compiled on CUDA tensors. Without one they run on CPU tensors under
 Triton's interpreter. Triton fixes interpretation when it decorates a function, its own library

@@ -1,4 +1,4 @@
-"""Triton kernels of fastrome, installed as ``fastrome.kernels``.
+"""Triton kernels of fastrome (``fastrome.kernels``).
 
 Kernels and their launch wrappers only: no argument checks and no policy; :mod:`fastrome.ops`
 checks arguments and decides when they run. Importing this package does not import Triton;
