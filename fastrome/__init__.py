@@ -7,6 +7,8 @@
 >>> print(report)
 """
 
+import logging
+
 import torch  # noqa: F401  (the compiled extension needs torch's libraries loaded first)
 
 from fastrome import ops
@@ -28,6 +30,11 @@ from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment, compute_stats
 
 __version__ = "0.1.0"
+
+# Operational messages (statistics computed, caches recovered, runs reconciled) go to this logger;
+# warnings are kept for what the user must act on. Silent unless the application configures logging
+# (the `fastrome` command shows INFO and above on stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 # Exactly the surface README.md's "Python API" documents (tests/test_public_api.py holds them equal);
 # everything else is internal and may change.

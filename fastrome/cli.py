@@ -701,9 +701,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local model folder, .gguf file or model id in the local Hugging Face cache "
+    p.add_argument("--model", default=None,
+                   help="local model folder, .gguf file or model id in the local Hugging Face cache "
                         "(default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (default), bfloat16, float16 or auto (the checkpoint's own)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device to load the model on")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON only")
 
@@ -829,6 +831,31 @@ def _report_error(prog: str, message: str) -> None:
     sys.stderr.flush()
 
 
+def _show_log() -> None:
+    """The library's operational messages on stderr, one line each, unless logging is configured
+    already (an application calling main() keeps its own setup)."""
+    import logging
+
+    log = logging.getLogger("fastrome")
+    if logging.getLogger().handlers or any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+        return
+    class Stderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is when a message comes (it may be replaced after main starts)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    handler = Stderr()
+    handler.setFormatter(logging.Formatter("[fastrome] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command in ``argv``; returns its exit status. Bad input, whether found on the
     command line or by the library while the command runs (a ``ValueError``), is printed as one
@@ -836,6 +863,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
+    _show_log()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

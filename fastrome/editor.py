@@ -4,6 +4,7 @@ calls, so sequential edits share them; :func:`edit` is the one-call form.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -39,6 +40,8 @@ from fastrome.stats_source import CorpusLike, StatsLike, check_sources, corpus_s
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
 from fastrome.values import ValueResult, check_request, frozen, optimize_values
+
+_log = logging.getLogger(__name__)
 
 MERGED_EDITS = "fastrome_edits"  # the subfolder of a save_merged folder that holds its edits
 
@@ -729,8 +732,8 @@ class Editor:
         # which is dropped (the run redoes that request) rather than replayed half-applied.
         partial = [e.edit_id for group in _groups(self.journal.entries) if not _complete(group) for e in group]
         if partial:
-            warnings.warn(f"journal {self.journal.path}: dropping the incomplete parts {partial} of a spread edit "
-                          "interrupted while it was being recorded", stacklevel=3)
+            _log.warning("journal %s: dropping the incomplete parts %s of a spread edit interrupted while it was "
+                         "being recorded", self.journal.path, partial)
             self.journal.remove(partial)
         self._check_settings()
         layers = sorted({e.layer for e in self.journal})

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from fastrome.fingerprint import GGUF_SOURCE_KEY as SOURCE_KEY
+
+_log = logging.getLogger(__name__)
 
 
 def cache_folder(gguf: Path, root: Path) -> Path:
@@ -62,8 +64,8 @@ def write_copy(model: Any, tokenizer: Any, folder: Path) -> Optional[Path]:
             if not is_complete(folder):  # another process's complete copy wins; anything else is an error
                 raise
     except Exception as exc:  # a read-only or full disk must not stop the load
-        warnings.warn(f"model cache: could not keep a dequantised copy in {folder} ({exc}); the GGUF file "
-                      "will be dequantised again next time", stacklevel=3)
+        _log.warning("model cache: could not keep a dequantised copy in %s (%s); the GGUF file will be "
+                     "dequantised again next time", folder, exc)
         return None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

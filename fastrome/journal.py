@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
@@ -39,6 +39,8 @@ from fastrome import ops
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import fsync_dir, write_json, write_safetensors, write_text
 from fastrome.locking import FolderLock
+
+_log = logging.getLogger(__name__)
 
 FORMAT = "fastrome.journal.v1"
 EDITS_FORMAT = "fastrome.edits.v1"
@@ -203,7 +205,7 @@ class Journal:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"journal: {lines_path} line {n} is damaged ({exc})") from None
         if torn:
-            warnings.warn(f"journal: dropping the unfinished last line of {lines_path}", stacklevel=3)
+            _log.warning("journal: dropping the unfinished last line of %s", lines_path)
             self.dropped_torn_line = True
             if not self.readonly:
                 self._rewrite_lines()  # leave a clean file to append to

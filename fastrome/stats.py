@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -36,6 +37,8 @@ from fastrome.fingerprint import content_digest, fingerprint
 from fastrome.keys import StopForward, input_device
 from fastrome.solver import CovarianceSolver
 from fastrome.tokens import encode, pad_id, right_pad
+
+_log = logging.getLogger(__name__)
 
 FORMAT = "fastrome.second_moment.v1"
 MIN_TOKENS = 100_000
@@ -379,7 +382,7 @@ def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[
             loaded[layer] = t
         state = _Progress(int(meta["next_batch"]), int(meta["count"]), int(meta["seen"]), float(meta["seconds"]))
     except Exception as exc:  # a damaged file raises several types; none of them may stop the run
-        warnings.warn(f"not resuming from {path}: {exc}; starting over", stacklevel=3)
+        _log.warning("statistics: not resuming from %s: %s; starting over", path, exc)
         return None
     for layer, acc in accs.items():
         acc.copy_(loaded[layer])
@@ -560,6 +563,7 @@ def compute(
     seconds = time.perf_counter() - t0
     for layer in layers:
         check_sum(accs[layer], f"statistics of layer {layer} over {corpus.id}")  # NaN/Inf keys: refuse, never cache
+    _log.info("statistics of layers %s: %s tokens of %s in %.1f s", sorted(layers), f"{count:,}", corpus.id, seconds)
     # One token short is the budget met (a single token makes no sequence); two or more short can
     # only mean the documents ended first.
     if count <= budget - MIN_SEQUENCE_TOKENS:
@@ -664,7 +668,7 @@ def load_or_compute(
                 found[layer] = sm.to_device(adapter.device(layer))
                 continue
             except ValueError as exc:
-                warnings.warn(f"ignoring cached statistics {path}: {exc}; recomputing", stacklevel=2)
+                _log.warning("ignoring cached statistics %s: %s; recomputing", path, exc)
         missing.append(layer)
     if dist is not None:
         # Every rank must enter the same pass (its all-reduce would otherwise wait forever), even

@@ -10,13 +10,15 @@ positions in the batch equal positions in the unpadded sequences.
 
 from __future__ import annotations
 
-import warnings
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+_log = logging.getLogger(__name__)
 
 _SPECIALS: "weakref.WeakKeyDictionary[Any, Tuple[int, int]]" = weakref.WeakKeyDictionary()
 
@@ -129,11 +131,8 @@ def target_ids(tokenizer: Any, prompt_text: str, target_text: str) -> List[int]:
     pre = encode(tokenizer, prompt_text)
     if len(full) > len(pre) and full[: len(pre)] == pre:
         return full[len(pre) :]
-    warnings.warn(
-        f"the tokens of {prompt_text!r} are not a prefix of the tokens of {prompt_text + target_text!r}; "
-        "tokenising the target on its own",
-        stacklevel=2,
-    )
+    _log.info("the tokens of %r are not a prefix of the tokens of %r; tokenising the target on its own",
+              prompt_text, prompt_text + target_text)
     ids = list(tokenizer(target_text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ValueError(f"target {target_text!r} tokenises to nothing")

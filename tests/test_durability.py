@@ -249,7 +249,7 @@ def test_the_factor_file_is_durable_before_the_line_that_names_it(make_tiny, tmp
 
 
 # -- the run log reconciled with the journal -----------------------------------------------------
-def test_a_torn_last_journal_line_is_redone_not_a_blocked_resume(make_tiny, tmp_path):
+def test_a_torn_last_journal_line_is_redone_not_a_blocked_resume(make_tiny, tmp_path, caplog):
     whole, tok = make_tiny("llama-bytelevel", layers=3)
     sequential(whole, tok, tmp_path / "whole")[0].close()
     model, _ = make_tiny("llama-bytelevel", layers=3)
@@ -259,8 +259,9 @@ def test_a_torn_last_journal_line_is_redone_not_a_blocked_resume(make_tiny, tmp_
     text = jlines.read_text()
     jlines.write_text(text[: len(text) - 40])  # the last journal line cut short; the run log kept its line
     fresh, _ = make_tiny("llama-bytelevel", layers=3)
-    with pytest.warns(UserWarning):
+    with caplog.at_level("WARNING", logger="fastrome"):
         ed, summary = sequential(fresh, tok, tmp_path / "run")
+    assert "dropping the unfinished last line" in caplog.text and "lost the last edits of cases [2]" in caplog.text
     log = log_lines(tmp_path / "run")
     assert [e["case_id"] for e in log] == [1, 2, 3] and all(e["status"] == "applied" for e in log)
     assert ed.done_case_ids() == [1, 2, 3]

@@ -136,7 +136,7 @@ def test_cache_key_and_reuse(make_tiny, small_corpus, tmp_path, monkeypatch):
     assert open_corpus(other).id != corpus.id
 
 
-def test_corrupted_cache_is_detected_and_recomputed(make_tiny, small_corpus, tmp_path):
+def test_corrupted_cache_is_detected_and_recomputed(make_tiny, small_corpus, tmp_path, caplog):
     model, tok = make_tiny("gpt2-bytelevel")
     adapter = ModelAdapter(model)
     kw = dict(corpus=open_corpus(small_corpus), tokens=500, max_len=64, cache_root=tmp_path, progress=False)
@@ -146,16 +146,19 @@ def test_corrupted_cache_is_detected_and_recomputed(make_tiny, small_corpus, tmp
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="not a readable"):
         SecondMoment.load(path)
-    with pytest.warns(UserWarning, match="ignoring cached statistics"):
+    with caplog.at_level("WARNING", logger="fastrome"):
         again = load_or_compute(adapter, tok, [1], **kw)[1]
+    assert f"ignoring cached statistics {path}" in caplog.text
     assert torch.equal(again.sum, good.sum)
     assert SecondMoment.load(path).count == 500  # rewritten
     # a file whose metadata claims another model is rejected too
     sm = SecondMoment.load(path)
     sm.meta["model_fingerprint"] = "0" * 16
     sm.save(path)
-    with pytest.warns(UserWarning, match="computed for model"):
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastrome"):
         load_or_compute(adapter, tok, [1], **kw)
+    assert "statistics were computed for model 0000000000000000" in caplog.text
 
 
 def test_editor_takes_a_statistics_file_and_rejects_the_wrong_model(make_tiny, small_corpus, tmp_path):

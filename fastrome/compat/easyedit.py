@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import warnings
@@ -34,6 +35,8 @@ import torch
 from torch import nn
 
 from fastrome.config import CLASSIC
+
+_log = logging.getLogger(__name__)
 
 ALGORITHMS = ("ROME", "R-ROME")
 # fields EasyEdit needs to find modules and places files; fastrome finds the modules itself
@@ -279,8 +282,8 @@ class BaseEditor:
         for m in metrics:
             m["pre"].pop("locality", None)
             if verbose:
-                print(f"{m['case_id']} editing: {m['requested_rewrite']['prompt']} -> "
-                      f"{m['requested_rewrite']['target_new']}  {m['post']}")
+                _log.info("%s editing: %s -> %s  %s", m["case_id"], m["requested_rewrite"]["prompt"],
+                          m["requested_rewrite"]["target_new"], m["post"])
         return metrics, self.model, weights_copy
 
     def _quality(self, request: Dict[str, Any], pre: Optional[Dict[str, Any]]) -> Dict[str, Any]:
