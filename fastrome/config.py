@@ -15,10 +15,11 @@ MODES = ("consistent", "original", "prompt", "dual")
 POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
 MEMORY_DUAL_KEYS = ("both", "prompt")
+V_OPTIMIZERS = ("adam", "normalized")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
 # resumed from its journal must keep them.
 LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys", "mpes_checks",
-                   "mpes_min_prob", "norm_alpha",
+                   "mpes_min_prob", "mpes_shrink", "v_optimizer", "norm_alpha",
                    "value_norm", "value_norm_factor", "null_space")
 
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
@@ -80,6 +81,12 @@ class EditConfig:
     # with mpes_checks: the target must also have at least this probability at each of those
     # tokens (0: being on top suffices); a margin against later edits' interference
     mpes_min_prob: float = 0.0
+    # with mpes_checks: once early stopping fires, δ is scaled down to the smallest fraction of it
+    # (bisection, six forward passes) that still meets the condition, so the write is no larger than
+    # the condition needs (the optimisation's last step overshoots it)
+    mpes_shrink: bool = False
+    # "adam" (ROME's) or "normalized": steps of length v_lr·√d_out along the gradient itself
+    v_optimizer: str = "adam"
     v_fast: bool = True
     # statistics and solve
     stats_tokens: Optional[int] = None
@@ -152,6 +159,12 @@ class EditConfig:
             raise bad("mpes_checks", "an int >= 0 (0: off)")
         if not (number(self.mpes_min_prob) and 0 <= self.mpes_min_prob < 1):
             raise bad("mpes_min_prob", "a number in [0, 1) (0: the top prediction suffices)")
+        if not isinstance(self.mpes_shrink, bool):
+            raise bad("mpes_shrink", "True or False")
+        if self.mpes_shrink and not self.mpes_checks:
+            raise bad("mpes_shrink", "False unless mpes_checks > 0 (it scales δ down to what early stopping needs)")
+        if self.v_optimizer not in V_OPTIMIZERS:
+            raise bad("v_optimizer", f"one of {V_OPTIMIZERS}")
         if self.mpes_min_prob and not self.mpes_checks:
             raise bad("mpes_min_prob", "0 unless mpes_checks > 0 (it is a condition of most-probable early stopping)")
         if not (number(self.memory_beta) and math.isfinite(self.memory_beta) and self.memory_beta >= 0):

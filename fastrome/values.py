@@ -138,6 +138,38 @@ class _LossIndex:
         self.essence_group = torch.tensor(list(groups), device=device)
 
 
+def _on_top(logp: Tensor, index: _LossIndex, n_req: int, min_prob: float) -> Tensor:
+    """(n_req,) bool: the target is the top prediction at every one of its tokens in every templated
+    prompt of the request (and has at least ``min_prob`` there, when set). ``logp`` is (reads, vocab)
+    log-probabilities of the batch laid out as ``index`` says; requests not in it count as on top."""
+    read = logp[index.reads]
+    missed = read.argmax(-1) != index.tokens
+    if min_prob:
+        missed |= read.gather(1, index.tokens[:, None]).squeeze(1) < math.log(min_prob)
+    return torch.zeros(n_req, device=logp.device).index_add(0, index.group, missed.float()) == 0
+
+
+def _least_scale(runner: Any, delta: Tensor, groups: List[int], index: _LossIndex, n_req: int,
+                 cfg: EditConfig, rounds: int = 6) -> Tensor:
+    """For each request in ``groups`` (whose δ meets the most-probable early-stopping condition), the
+    smallest scale s in (0, 1] found by bisection at which s·δ still meets it: (len(groups),) fp32.
+
+    A step of the optimisation overshoots what the condition needs (Adam's steps are long), and the
+    write's size grows with ‖δ‖², so the scale is searched with ``rounds`` forward passes (no gradient)
+    and only a scale at which the condition was seen to hold is returned (1 if none smaller does)."""
+    lo = torch.zeros(len(groups), device=delta.device)
+    hi = torch.ones(len(groups), device=delta.device)
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        trial = delta.clone()
+        trial[groups] *= mid[:, None]
+        logp = torch.log_softmax(runner.logits(trial).to(delta.device), dim=-1)
+        ok = _on_top(logp, index, n_req, cfg.mpes_min_prob)[groups]
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    return hi
+
+
 def optimize_values(
     adapter: ModelAdapter,
     tokenizer: Any,
@@ -171,7 +203,11 @@ def optimize_values(
     dev = v_init.device
     index = _LossIndex(parts, range(n_req), dev)
     delta = torch.zeros(n_req, adapter.d_out, dtype=torch.float32, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    # Adam moves every coordinate by about v_lr per step (a dense, sign-like step of norm up to
+    # v_lr·√d); "normalized" takes steps of that same length along the gradient itself, which for
+    # gradients concentrated in few coordinates reaches the target with a much smaller δ
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr) if cfg.v_optimizer == "adam" else None
+    step_len = cfg.v_lr * math.sqrt(adapter.d_out)
     v_norm = v_init.norm(dim=1)
     results = [
         ValueResult(v_star=v_init[g], v_init=v_init[g], delta=v_init[g], target_ids=list(parts[g][3]))
@@ -182,7 +218,7 @@ def optimize_values(
     kl_init: Optional[Tensor] = None
     with frozen(adapter.model):
         for it in range(cfg.v_steps):
-            opt.zero_grad(set_to_none=True)
+            delta.grad = None
             logits = runner.logits(delta).to(dev)
             logp = torch.log_softmax(logits, dim=-1)
             token_lp = logp[index.reads].gather(1, index.tokens[:, None]).squeeze(1)
@@ -196,13 +232,7 @@ def optimize_values(
             loss = nll + kl + decay
             values, nlls = loss.detach().tolist(), nll.detach().tolist()
             if cfg.mpes_checks:
-                # the target is the top prediction at every one of its tokens in every templated prompt
-                read = logp[index.reads].detach()
-                missed = read.argmax(-1) != index.tokens
-                if cfg.mpes_min_prob:
-                    missed |= token_lp.detach() < math.log(cfg.mpes_min_prob)
-                missed = missed.float()
-                on_top = (torch.zeros(n_req, device=dev).index_add(0, index.group, missed) == 0).tolist()
+                on_top = _on_top(logp.detach(), index, n_req, cfg.mpes_min_prob).tolist()
             stopping = []
             for g in range(n_req):
                 if not active[g]:
@@ -217,6 +247,10 @@ def optimize_values(
                 elif cfg.mpes_checks and streak[g] >= cfg.mpes_checks:
                     results[g].early_stopped, results[g].stop_reason = True, "top"
                     stopping.append(g)
+            shrink = [g for g in stopping if results[g].stop_reason == "top"] if cfg.mpes_shrink else []
+            if shrink:
+                with torch.no_grad():
+                    delta[shrink] *= _least_scale(runner, delta.detach(), shrink, index, n_req, cfg)[:, None]
             if on_step is not None:
                 live = [values[g] for g in range(n_req) if active[g]]
                 on_step(it, sum(live) / len(live))
@@ -230,7 +264,12 @@ def optimize_values(
                 index = _LossIndex(parts, live_groups, dev)
             kept = delta.detach()[~active].clone()
             (loss * active).sum().backward()
-            opt.step()
+            if opt is not None:
+                opt.step()
+            else:  # normalised gradient descent: each request's δ moves by step_len along its own gradient
+                with torch.no_grad():
+                    grad = delta.grad
+                    delta -= step_len * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
             with torch.no_grad():
                 delta[~active] = kept  # Adam's momentum would still move frozen rows
                 limit = cfg.clamp_norm_factor * v_norm
