@@ -124,3 +124,43 @@ def test_a_probability_floor_stops_later_and_only_once_it_is_met(smollm2):
 def test_mpes_min_prob_is_validated(settings):
     with pytest.raises(ValueError, match="config.mpes_min_prob"):
         EditConfig(**settings).validate()
+
+
+def test_shrink_scales_delta_to_the_least_that_stays_on_top(smollm2):
+    model, tok = smollm2
+    adapter = ModelAdapter(model)
+    req = parse_requests(REQS[:1])[0]
+    full = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(mpes_checks=2))
+    small = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(mpes_checks=2, mpes_shrink=True))
+    assert small.stop_reason == "top" and small.losses == full.losses  # same optimisation, same stop
+    scale = float(small.delta.norm() / full.delta.norm())
+    assert 0 < scale < 1, "the shrink is not exercised"
+    assert abs(scale * 64 - round(scale * 64)) < 1e-4  # six bisection rounds: a multiple of 1/64
+    torch.testing.assert_close(small.delta, full.delta * scale, rtol=1e-5, atol=1e-6)
+    assert on_top_at(adapter, tok, LAYER, req, small.delta)
+    # the bisection's lower end, 1/64 below, was seen to fail (or is 0)
+    if scale > 1 / 64:
+        assert not on_top_at(adapter, tok, LAYER, req, full.delta * (scale - 1 / 64))
+
+
+def test_normalized_steps_follow_the_gradient_with_adams_step_length(smollm2):
+    model, tok = smollm2
+    adapter = ModelAdapter(model)
+    req = parse_requests(REQS[:1])[0]
+    # one step each: Adam's first step is v_lr·sign(g), the normalised one v_lr·√d·g/‖g‖
+    adam = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(v_steps=2))
+    ngd = optimize_value(adapter, tok, LAYER, req, TEMPLATES, cfg(v_steps=2, v_optimizer="normalized"))
+    assert adam.losses[0] == ngd.losses[0] and adam.steps == ngd.steps == 1
+    d = adapter.d_out
+    assert float(ngd.delta.norm()) == pytest.approx(0.5 * d**0.5, rel=1e-5)
+    moved = adam.delta.abs() > 0.25
+    assert int(moved.sum()) > d // 2 and torch.equal(torch.sign(ngd.delta[moved]), torch.sign(adam.delta[moved]))
+    assert float(ngd.delta.abs().max()) > 2 * float(adam.delta.abs().max())  # concentrated where g is large
+
+
+@pytest.mark.parametrize("settings,field", [({"mpes_checks": 0, "mpes_shrink": True}, "mpes_shrink"),
+                                           ({"mpes_checks": 2, "mpes_shrink": 1}, "mpes_shrink"),
+                                           ({"v_optimizer": "sgd"}, "v_optimizer")])
+def test_value_options_are_validated(settings, field):
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        EditConfig(**settings).validate()
