@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import fastrome
 from fastrome import Editor
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ REQS = [
      "target_true": "Leonardo da Vinci", "case_id": "mona"},
 ]
 # few value steps and a small statistics budget: this checks the artifacts, not edit quality
-FAST = dict(layer=6, v_steps=4, stats_tokens=4000)
+FAST = dict(layer=6, v_steps=4)
 PROBES = ["The Eiffel Tower is located in the city of", "The Mona Lisa was painted by",
           "The Louvre is located in the city of"]
 
@@ -39,16 +40,18 @@ def weights(model):
 def test_saved_folder_and_adapter_on_smollm2(smollm2, tmp_path):
     base, tok = smollm2  # the shared model is never edited: copies are
     unedited = weights(base)
+    stats = fastrome.compute_stats(base, tok, [3, 4, 5, 6], tokens=4000)  # the public statistics call
+    assert sorted(stats) == [3, 4, 5, 6] and all(sm.count == 4000 for sm in stats.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ed = Editor(copy.deepcopy(base), tok, **FAST)
+        ed = Editor(copy.deepcopy(base), tok, stats=stats, **FAST)
         ed.edit(REQS)
     edited = weights(ed.model)
     layers = sorted({e.layer for e in ed.journal})
     assert layers == [3, 4, 5, 6]
 
     ed.save_pretrained(tmp_path / "edits")
-    replayed = Editor.from_pretrained(copy.deepcopy(base), tok, tmp_path / "edits")
+    replayed = Editor.from_pretrained(copy.deepcopy(base), tok, tmp_path / "edits", stats=stats)
     assert all(torch.equal(v, edited[k]) for k, v in replayed.model.state_dict().items())
     assert replayed.done_case_ids() == ["eiffel", "mona"]
 
