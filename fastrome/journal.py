@@ -142,6 +142,7 @@ class Journal:
         self.entries: List[JournalEntry] = []
         self.base_digests: Dict[int, str] = {}
         self._next_id = 0  # ids of undone edits are never handed out again
+        self._requests = 0  # entries that start an edit (a spread edit's parts count once)
         self.templates: Optional[List[str]] = None  # the context templates of the run
         self.readonly = readonly
         self.dropped_torn_line = False  # set when open dropped a line cut short by a crash
@@ -201,6 +202,7 @@ class Journal:
             try:
                 entry = self._read_entry(json.loads(line))
                 self.entries.append(entry)
+                self._requests += _starts_edit(entry)
                 self._next_id = max(self._next_id, entry.edit_id + 1)
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"journal: {lines_path} line {n} is damaged ({exc})") from None
@@ -278,6 +280,7 @@ class Journal:
             if new:
                 fsync_dir(self.path)
         self.entries.append(entry)
+        self._requests += _starts_edit(entry)
         self._next_id = max(self._next_id, entry.edit_id + 1)
 
     def remove(self, edit_ids: Iterable[int]) -> List[JournalEntry]:
@@ -287,6 +290,7 @@ class Journal:
             self._writable()
         removed = [e for e in self.entries if e.edit_id in ids]
         self.entries = [e for e in self.entries if e.edit_id not in ids]
+        self._requests -= sum(_starts_edit(e) for e in removed)
         if self.path is not None:
             self._write_head()  # keeps next_id past the removed ids
             self._rewrite_lines()
@@ -297,6 +301,12 @@ class Journal:
     @property
     def next_id(self) -> int:
         return self._next_id  # kept past every id recorded or loaded: O(1) per edit in long runs
+
+    @property
+    def edit_count(self) -> int:
+        """Edits (requests) in the journal, a spread edit's layers counting once: O(1), for the
+        bookkeeping of long runs (``len(journal)`` counts entries, one per layer written)."""
+        return self._requests
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -359,3 +369,8 @@ def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
     except Exception as exc:  # safetensors and json raise several types for damaged files
         raise ValueError(f"edits: {str(path)!r} cannot be read ({exc})") from None
     return entries, digests
+
+
+def _starts_edit(entry: JournalEntry) -> int:
+    """1 for an entry that starts an edit: a one-layer edit, or part 0 of a spread edit."""
+    return int(entry.record.get("part") in (None, 0))

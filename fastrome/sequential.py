@@ -365,7 +365,7 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
         raised = [f for entry, _ in applied for f in entry["collapse"]]
         if raised and rules.action == "stop":
             return "; ".join(raised)
-        n_done = len(editor.done_case_ids())
+        n_done = editor.journal.edit_count
         kept = sum(1 for e, _ in applied if e["status"] in ("applied", "forced"))
         if n_done // every > (n_done - kept) // every:
             return checkpoint(n_done)
@@ -398,7 +398,7 @@ def _run(editor: Any, records: Sequence[Any], out: Path, every: int, rules: Coll
         if summary.stopped is None:
             # a session stopped after the edit that made a checkpoint due but before its line:
             # measure it now, after the edits done so far
-            n_done = len(editor.done_case_ids())
+            n_done = editor.journal.edit_count
             measured = max((p.get("edits", 0) for p in _json_lines(ckpt_log)), default=0)
             if n_done and n_done // every * every > measured:
                 summary.stopped = checkpoint(n_done)

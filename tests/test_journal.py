@@ -194,3 +194,18 @@ def test_ids_of_removed_edits_are_not_handed_out_again_after_a_reload(tmp_path):
     assert j.next_id == 3
     j.close()
     assert Journal.read(tmp_path / "j").next_id == 3
+
+
+@pytest.mark.parametrize("spread", [1, 2])
+def test_edit_count_follows_edits_undo_and_reopen(make_tiny, tmp_path, spread):
+    folder = tmp_path / "j"
+    model, tok = make_tiny("llama-bytelevel")
+    ed = editor(model, tok, journal=folder, spread=spread)
+    assert ed.journal.edit_count == 0
+    run(ed, REQS[:3])
+    assert ed.journal.edit_count == len(ed.done_case_ids()) == 3 and len(ed.journal) == 3 * spread
+    ed.undo_last()
+    ed.undo(ed.journal.entries[-1].edit_id)  # a spread edit goes whole, named by any of its layers' ids
+    assert ed.journal.edit_count == len(ed.done_case_ids()) == 1
+    ed.close()
+    assert Journal.read(folder).edit_count == 1
