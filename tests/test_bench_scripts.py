@@ -29,3 +29,22 @@ def test_the_lifelong_runs_are_listed_with_their_settings():
 def test_an_unknown_run_is_refused_before_any_work():
     out = lifelong("no-such-run", "10")
     assert out.returncode == 2 and "unknown run 'no-such-run'" in out.stderr
+
+
+def test_every_named_run_has_valid_settings():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benches"))
+    try:
+        from collapse_study import parse_overrides
+    finally:
+        sys.path.pop(0)
+    from fastrome.config import CLASSIC, make_config
+
+    for name, value in dict(line.split(": ", 1) for line in lifelong("--list").stdout.splitlines()).items():
+        words = [] if name == "default" else value.split()
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        overrides = {**(CLASSIC if "--classic" in words else {}), **parse_overrides(sets)}
+        if "--mode" in words:
+            overrides["mode"] = words[words.index("--mode") + 1]
+        make_config(**overrides).resolve("llama")  # raises, naming the field, on a typo or a bad value
