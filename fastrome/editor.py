@@ -13,7 +13,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -135,6 +135,9 @@ class Editor:
         self.history: List[EditRecord] = []
         self.last: Optional[EditArtifacts] = None
         self._base: Dict[int, Tensor] = {}
+        # per layer, copies of the weight after two recent edits, oldest first (see _LayerCheckpoint):
+        # undoing the latest edits restarts from one instead of replaying the whole journal
+        self._checkpoints: Dict[int, List[_LayerCheckpoint]] = {}
         self.journal = Journal(journal)
         try:
             if len(self.journal):
@@ -574,6 +577,7 @@ class Editor:
             rec.edit_id = self.journal.next_id
             self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(),
                                              key=plan.solved_key))
+            self._note_written(layer)
             rec.seconds["memory"] = self._remember(layer, plan.solved_key)
         self.last = EditArtifacts(
             layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=v_star,
@@ -678,6 +682,7 @@ class Editor:
             for i, (part_layer, part_plan, _) in enumerate(written):
                 self.journal.append(JournalEntry(first + i, part_layer, part_plan.u, part_plan.lam, req.to_dict(),
                                                  {**whole, "part": i}, key=part_plan.solved_key))
+                self._note_written(part_layer)
                 rec.seconds["memory"] += self._remember(part_layer, part_plan.solved_key)
         self.last = EditArtifacts(
             layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
@@ -704,28 +709,82 @@ class Editor:
             memory.add(row)
         return _now() - t0
 
-    def _rebuild(self, layers: Iterable[int]) -> None:
+    def _note_written(self, layer: int) -> None:
+        """After a write at ``layer`` is journaled: every CHECKPOINT_EVERY writes there, keep a copy."""
+        kept = self._checkpoints.get(layer)
+        if not kept or kept[-1].since + 1 >= CHECKPOINT_EVERY:
+            self._checkpoint(layer, self.journal.entries[-1].edit_id)
+        else:
+            kept[-1].since += 1
+
+    def _checkpoint(self, layer: int, last_id: int) -> None:
+        """Copy ``layer``'s state as it is right after entry ``last_id``; the two newest copies stay, so
+        an undo of up to CHECKPOINT_EVERY writes there always finds one from before them."""
+        master = self._masters.get(layer)
+        ckpt = _LayerCheckpoint(last_id, self.adapter.weight(layer).detach().clone(),
+                                None if master is None else master.clone(), self._total_ratio[layer])
+        self._checkpoints[layer] = self._checkpoints.get(layer, [])[-1:] + [ckpt]
+
+    def _rebuild(self, layers: Iterable[int], removed: Sequence[JournalEntry] = ()) -> None:
         """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
         the original writes, through a fresh fp32 master for half-precision weights), and its edit
-        memory to the journal's keys there."""
+        memory to the journal's keys there.
+
+        After an undo (``removed``: the entries just taken out of the journal), a layer whose removed
+        entries all came after its checkpoint restarts from that copy and replays only the entries
+        since, and its memory forgets just the removed keys when they were its latest: the same bits,
+        in time that does not grow with the journal."""
         for layer in sorted(set(layers)):
+            gone = [e for e in removed if e.layer == layer]
+            first_gone = min(e.edit_id for e in gone) if gone else None
+            # the newest copy from before every removed entry; newer ones held removed writes
+            usable = [c for c in self._checkpoints.get(layer, []) if gone and c.last_id < first_gone]
+            ckpt = usable[-1] if usable else None
+            fast = ckpt is not None
             memory = self._memory(layer)
             if memory is not None:
-                memory.rebuild(self._journal_keys(layer))
+                if gone and not any(e.layer == layer for e in self._entries_after(first_gone)):
+                    memory.forget_last(sum(len(self._memory_rows(e.key)) for e in gone))
+                else:
+                    memory.rebuild(self._journal_keys(layer))
             weight, base = self.adapter.weight(layer), self._base[layer]
-            master = None if base.dtype in (torch.float32, torch.float64) else base.float()
-            total = 0.0
             with torch.no_grad():
-                weight.copy_(base)
-                for e in self.journal:
+                if fast:
+                    weight.copy_(ckpt.weight)
+                    master = None if ckpt.master is None else ckpt.master.clone()
+                    total, since = ckpt.total, 0
+                    entries = self._entries_after(ckpt.last_id)
+                else:
+                    weight.copy_(base)
+                    master = None if base.dtype in (torch.float32, torch.float64) else base.float()
+                    total, since = 0.0, 0
+                    entries = self.journal.entries
+                last_id = ckpt.last_id if fast else -1
+                for e in entries:
                     if e.layer == layer:
                         apply_factors(weight, e.u, e.lam, master)
                         total += float(_part_record(e).get("update_ratio") or 0.0)
+                        last_id, since = e.edit_id, since + 1
             if master is not None:
                 self._masters[layer] = master
             else:
                 self._masters.pop(layer, None)
             self._total_ratio[layer] = total
+            if fast:
+                ckpt.since = since
+                self._checkpoints[layer] = usable
+            else:
+                self._checkpoints[layer] = []
+                self._checkpoint(layer, last_id)
+
+    def _entries_after(self, edit_id: int) -> List[JournalEntry]:
+        """The journal's entries with ids above ``edit_id``, in order (ids grow along the journal, so
+        this reads only its tail)."""
+        entries = self.journal.entries
+        i = len(entries)
+        while i > 0 and entries[i - 1].edit_id > edit_id:
+            i -= 1
+        return entries[i:]
 
     def _resume(self) -> None:
         # A spread edit is journaled part by part; a crash between its parts leaves a partial group,
@@ -794,10 +853,12 @@ class Editor:
             raise ValueError(f"edit_ids: {unknown} not in the journal (ids {sorted(known)[:10]}...)")
         # a spread edit goes as a whole, whichever of its layers' ids is named
         wanted = set(ids)
-        ids = [e.edit_id for group in _groups(self.journal.entries) if wanted & {x.edit_id for x in group}
-               for e in group]
+        return self._remove([e.edit_id for group in _groups(self.journal.entries)
+                             if wanted & {x.edit_id for x in group} for e in group])
+
+    def _remove(self, ids: List[int]) -> List[JournalEntry]:
         removed = self.journal.remove(ids)
-        self._rebuild(e.layer for e in removed)
+        self._rebuild((e.layer for e in removed), removed)
         gone = set(ids)
         for rec in self.history:
             if rec.edit_id in gone:
@@ -806,10 +867,15 @@ class Editor:
 
     def undo_last(self, n: int = 1) -> List[JournalEntry]:
         """Undo the last ``n`` edits (requests); the weights are bit-for-bit those from before them."""
-        groups = _groups(self.journal.entries)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > len(groups):
-            raise ValueError(f"n: expected 0..{len(groups)} (edits in the journal), got {n!r}")
-        return self.undo([group[0].edit_id for group in groups[len(groups) - n:]]) if n else []
+        count = self.journal.edit_count
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > count:
+            raise ValueError(f"n: expected 0..{count} (edits in the journal), got {n!r}")
+        # the last n edits are the journal's tail from the n-th last entry that starts an edit
+        entries, i, started = self.journal.entries, len(self.journal.entries), 0
+        while started < n:
+            i -= 1
+            started += entries[i].record.get("part") in (None, 0)
+        return self._remove([e.edit_id for e in entries[i:]]) if n else []
 
     def save_pretrained(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the applied edits as a folder (``edits.safetensors``, ``fastrome.json`` with the base
@@ -905,6 +971,21 @@ class Editor:
             self.tokenizer.save_pretrained(path)
         self.save_pretrained(path / MERGED_EDITS)
         return path
+
+
+CHECKPOINT_EVERY = 64  # writes at a layer between copies of its weight kept for undo
+
+
+@dataclass
+class _LayerCheckpoint:
+    """A layer's state right after journal entry ``last_id`` (-1: before any): its weight, fp32 master
+    (half-precision weights) and running update-ratio total; ``since``: writes there after it."""
+
+    last_id: int
+    weight: Tensor
+    master: Optional[Tensor]
+    total: float
+    since: int = 0
 
 
 def _part_record(entry: JournalEntry) -> Dict[str, Any]:

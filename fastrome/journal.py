@@ -24,6 +24,7 @@ folder (:class:`~fastrome.locking.FolderLock`); :meth:`Journal.read` opens one t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -143,6 +144,7 @@ class Journal:
         self.base_digests: Dict[int, str] = {}
         self._next_id = 0  # ids of undone edits are never handed out again
         self._requests = 0  # entries that start an edit (a spread edit's parts count once)
+        self._ends: List[int] = []  # byte offset in edits.jsonl where each entry's line ends
         self.templates: Optional[List[str]] = None  # the context templates of the run
         self.readonly = readonly
         self.dropped_torn_line = False  # set when open dropped a line cut short by a crash
@@ -196,12 +198,15 @@ class Journal:
         text = lines_path.read_text(encoding="utf-8") if lines_path.is_file() else ""
         # Every record ends with a newline; a trailing piece without one is a write cut short.
         *complete, torn = text.split("\n")
+        end = 0
         for n, line in enumerate(complete, start=1):
+            end += len(line.encode("utf-8")) + 1
             if not line.strip():
                 continue
             try:
                 entry = self._read_entry(json.loads(line))
                 self.entries.append(entry)
+                self._ends.append(end)
                 self._requests += _starts_edit(entry)
                 self._next_id = max(self._next_id, entry.edit_id + 1)
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -242,8 +247,9 @@ class Journal:
     def _rewrite_lines(self) -> None:
         assert self.path is not None
         self._writable()
-        text = "".join(json.dumps(e.header(), sort_keys=True) + "\n" for e in self.entries)
-        write_text(self.path / "edits.jsonl", text)
+        lines = [json.dumps(e.header(), sort_keys=True) + "\n" for e in self.entries]
+        write_text(self.path / "edits.jsonl", "".join(lines))
+        self._ends = list(itertools.accumulate(len(line.encode("utf-8")) for line in lines))
 
     # -- recording -------------------------------------------------------------------------------
     def note_base(self, layer: int, digest: str) -> None:
@@ -277,6 +283,7 @@ class Journal:
                 f.write(json.dumps(entry.header(), sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+                self._ends.append(os.fstat(f.fileno()).st_size)
             if new:
                 fsync_dir(self.path)
         self.entries.append(entry)
@@ -284,19 +291,42 @@ class Journal:
         self._next_id = max(self._next_id, entry.edit_id + 1)
 
     def remove(self, edit_ids: Iterable[int]) -> List[JournalEntry]:
-        """Drop entries (their factor files too); returns the removed entries."""
+        """Drop entries (their factor files too); returns the removed entries.
+
+        The last entries (an undo of the latest edits) go in time independent of the journal's
+        length: the log is cut back to where their lines began. Any other set rewrites the log."""
         ids = set(edit_ids)
         if self.path is not None:
             self._writable()
-        removed = [e for e in self.entries if e.edit_id in ids]
-        self.entries = [e for e in self.entries if e.edit_id not in ids]
+        cut = len(self.entries)
+        while cut > 0 and self.entries[cut - 1].edit_id in ids:
+            cut -= 1
+        tail = len(self.entries) - cut == len(ids)
+        if tail:
+            removed, self.entries = self.entries[cut:], self.entries[:cut]
+        else:
+            removed = [e for e in self.entries if e.edit_id in ids]
+            self.entries = [e for e in self.entries if e.edit_id not in ids]
         self._requests -= sum(_starts_edit(e) for e in removed)
         if self.path is not None:
             self._write_head()  # keeps next_id past the removed ids
-            self._rewrite_lines()
+            if tail:
+                self._truncate_lines(cut)
+            else:
+                self._rewrite_lines()
             for e in removed:
                 self._factor_file(e.edit_id).unlink(missing_ok=True)
         return removed
+
+    def _truncate_lines(self, keep: int) -> None:
+        """Cut edits.jsonl back to its first ``keep`` entries' lines (durable before returning)."""
+        assert self.path is not None
+        size = self._ends[keep - 1] if keep else 0
+        with open(self.path / "edits.jsonl", "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+        del self._ends[keep:]
 
     @property
     def next_id(self) -> int:

@@ -50,6 +50,9 @@ class EditMemory:
         self.base, self.beta, self.refactor_every = base, float(beta), refactor_every
         self.keys: List[Tensor] = []  # (d_in,) fp32 on the CPU, in the order they were added
         self.inverse = base.inverse.to(torch.float64).clone()
+        # the inverse as the last refactorisation left it, and how many keys it holds: forgetting
+        # the latest keys (undo) restarts from it, so it costs at most refactor_every updates
+        self._boundary, self._at_boundary = 0, self.inverse.clone()
 
     # -- the solver interface ------------------------------------------------------------------
     @property
@@ -85,18 +88,36 @@ class EditMemory:
         key = _as_key(key, self.dim)
         if (len(self.keys) + 1) % self.refactor_every == 0:
             self.inverse = self._refactor(self.keys + [key])
+            self._boundary, self._at_boundary = len(self.keys) + 1, self.inverse.clone()
         else:
             self._sherman_morrison(key)  # raises, changing nothing, if the update is refused
         self.keys.append(key)
 
     def rebuild(self, keys: Iterable[Tensor]) -> None:
         """Forget every key, then remember ``keys`` in order: the inverse an uninterrupted sequence
-        of :meth:`add` calls would hold, bit for bit (undo and resume use this)."""
+        of :meth:`add` calls would hold, bit for bit (resume and undo use this)."""
         keys = [_as_key(k, self.dim) for k in keys]
         boundary = (len(keys) // self.refactor_every) * self.refactor_every
         self.keys = keys[:boundary]
         self.inverse = self._refactor(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
-        for key in keys[boundary:]:
+        self._boundary, self._at_boundary = boundary, self.inverse.clone()
+        self._replay(keys[boundary:])
+
+    def forget_last(self, n: int) -> None:
+        """Forget the ``n`` latest keys: the inverse :meth:`rebuild` of the others would give, bit for
+        bit, in time independent of how many keys there are (at most ``refactor_every`` updates)."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.keys):
+            raise ValueError(f"n: expected 0..{len(self.keys)} (keys held), got {n!r}")
+        keep = len(self.keys) - n
+        if keep < self._boundary:  # past the last refactorisation: the ordinary rebuild
+            self.rebuild(self.keys[:keep])
+            return
+        later, self.keys = self.keys[self._boundary:keep], self.keys[: self._boundary]
+        self.inverse = self._at_boundary.clone()
+        self._replay(later)
+
+    def _replay(self, keys: List[Tensor]) -> None:
+        for key in keys:
             self._sherman_morrison(key)
             self.keys.append(key)
 

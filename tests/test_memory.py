@@ -69,6 +69,27 @@ def test_rebuilding_from_the_keys_gives_the_inverse_bit_for_bit(d, every):
     assert torch.equal(added.inverse, fewer.inverse)
 
 
+@pytest.mark.parametrize("d, every", [(37, 4), (12, 4), (97, 1000), (64, 1)])
+def test_forgetting_the_latest_keys_equals_never_adding_them(d, every):
+    base = CovarianceSolver(spd(d, 5))
+    keys = list(torch.randn(11, d, generator=torch.Generator().manual_seed(7)))
+    memory = EditMemory(base, beta=0.05, refactor_every=every)
+    for k in keys:
+        memory.add(k)
+    for n in (1, 2, 3, 4):  # within and across refactorisation boundaries
+        memory.forget_last(n)
+        keys = keys[: len(keys) - n]
+        fresh = EditMemory(base, beta=0.05, refactor_every=every)
+        for k in keys:
+            fresh.add(k)
+        assert len(memory.keys) == len(keys) and torch.equal(memory.inverse, fresh.inverse)
+    memory.add(keys[0])  # and it keeps remembering as an uninterrupted one would
+    fresh.add(keys[0])
+    assert torch.equal(memory.inverse, fresh.inverse)
+    with pytest.raises(ValueError, match=f"n: expected 0..{len(fresh.keys)} "):
+        fresh.forget_last(len(fresh.keys) + 1)
+
+
 def test_bad_settings_and_keys_are_refused():
     base = CovarianceSolver(spd(5, 0))
     for beta in (0, -1, float("nan"), float("inf")):
