@@ -27,6 +27,8 @@ from torch import Tensor
 from fastrome import ops
 from fastrome.solver import CovarianceSolver
 
+SNAPSHOT_EVERY = 32  # keys between the copies of A⁻¹ that undo restarts from
+
 
 class EditMemory:
     """A solver over the statistics plus the keys of the edits applied so far at one layer.
@@ -39,7 +41,8 @@ class EditMemory:
         refactor_every: recompute ``A⁻¹`` from ``base`` and all keys after this many keys.
 
     It has the solver interface the update uses (:meth:`solve`, ``dim``, ``device``, ``identity``,
-    ``ridge``, ``condition``), and :meth:`add` / :meth:`rebuild` for the keys.
+    ``ridge``, ``condition``), and :meth:`add` / :meth:`rebuild` / :meth:`forget_last` for the keys.
+    Besides ``A⁻¹`` it keeps two copies of it from recent points (d×d fp64 each) for undo.
     """
 
     def __init__(self, base: CovarianceSolver, beta: float, refactor_every: int):
@@ -50,9 +53,10 @@ class EditMemory:
         self.base, self.beta, self.refactor_every = base, float(beta), refactor_every
         self.keys: List[Tensor] = []  # (d_in,) fp32 on the CPU, in the order they were added
         self.inverse = base.inverse.to(torch.float64).clone()
-        # the inverse as the last refactorisation left it, and how many keys it holds: forgetting
-        # the latest keys (undo) restarts from it, so it costs at most refactor_every updates
-        self._boundary, self._at_boundary = 0, self.inverse.clone()
+        # (keys held, a copy of the inverse then) at two recent points, oldest first: forgetting the
+        # latest keys (undo) restarts from one, so it costs at most SNAPSHOT_EVERY updates
+        self._snapshots: List[Tuple[int, Tensor]] = []
+        self._snapshot()
 
     # -- the solver interface ------------------------------------------------------------------
     @property
@@ -88,10 +92,11 @@ class EditMemory:
         key = _as_key(key, self.dim)
         if (len(self.keys) + 1) % self.refactor_every == 0:
             self.inverse = self._refactor(self.keys + [key])
-            self._boundary, self._at_boundary = len(self.keys) + 1, self.inverse.clone()
         else:
             self._sherman_morrison(key)  # raises, changing nothing, if the update is refused
         self.keys.append(key)
+        if len(self.keys) - self._snapshots[-1][0] >= SNAPSHOT_EVERY:
+            self._snapshot()
 
     def rebuild(self, keys: Iterable[Tensor]) -> None:
         """Forget every key, then remember ``keys`` in order: the inverse an uninterrupted sequence
@@ -100,26 +105,34 @@ class EditMemory:
         boundary = (len(keys) // self.refactor_every) * self.refactor_every
         self.keys = keys[:boundary]
         self.inverse = self._refactor(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
-        self._boundary, self._at_boundary = boundary, self.inverse.clone()
+        self._snapshots = []
+        self._snapshot()
         self._replay(keys[boundary:])
 
     def forget_last(self, n: int) -> None:
         """Forget the ``n`` latest keys: the inverse :meth:`rebuild` of the others would give, bit for
-        bit, in time independent of how many keys there are (at most ``refactor_every`` updates)."""
+        bit. From the newest copy of A⁻¹ held before them (at most 2·SNAPSHOT_EVERY updates, in time
+        independent of how many keys there are), else by a rebuild."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.keys):
             raise ValueError(f"n: expected 0..{len(self.keys)} (keys held), got {n!r}")
         keep = len(self.keys) - n
-        if keep < self._boundary:  # past the last refactorisation: the ordinary rebuild
+        usable = [snap for snap in self._snapshots if snap[0] <= keep]
+        if not usable:  # further back than the copies: the ordinary rebuild
             self.rebuild(self.keys[:keep])
             return
-        later, self.keys = self.keys[self._boundary:keep], self.keys[: self._boundary]
-        self.inverse = self._at_boundary.clone()
+        held, copy = usable[-1]
+        later, self.keys = self.keys[held:keep], self.keys[:held]
+        self.inverse = copy.clone()
+        self._snapshots = usable
         self._replay(later)
 
     def _replay(self, keys: List[Tensor]) -> None:
+        """Remember ``keys`` in order, as :meth:`add` would (refactorising where its schedule does)."""
         for key in keys:
-            self._sherman_morrison(key)
-            self.keys.append(key)
+            self.add(key)
+
+    def _snapshot(self) -> None:
+        self._snapshots = self._snapshots[-1:] + [(len(self.keys), self.inverse.clone())]
 
     def _sherman_morrison(self, key: Tensor) -> None:
         u, denom = ops.solve_keys(self.inverse, key.to(self.device, torch.float64))
