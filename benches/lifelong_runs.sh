@@ -25,9 +25,8 @@ declare -A SETTINGS=(
   [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
   [memory1+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
   [mpes+dual+spread]="--classic --mode dual --set mpes_checks=2 --set spread=4"
-  # the write no larger than early stopping needs: normalised gradient steps, and δ scaled down at the
-  # stop to the least that keeps the target on top with probability >= 0.5 at every templated prompt
-  [lean]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set mpes_min_prob=0.5 --set mpes_shrink=true --set spread=4 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
+  # ngd with each edit shared among 6 layers (1-6) instead of 4
+  [ngd+spread6]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=6 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
   [null-space+memory]="--classic --set null_space=0.1 --set memory_beta=0.02"  # AlphaEdit's projection
   [original]="--classic --mode original"
