@@ -139,10 +139,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"{out}: this run was made with statistics {run['stats']!r}, not {editor.stats_source()!r}")
     settings = {k: v for k, v in editor.config.to_dict().items() if k != "extra"}
     # (the editor itself refuses a journal written with other lifelong settings; this covers the rest)
-    if run.get("settings"):  # a setting added after the run began was, for its edits, at its default
-        from fastrome.config import EditConfig
+    if run.get("settings"):  # a setting added after the run began was, for its edits, at its default then
+        from fastrome.config import settings_made_with
 
-        made = {**{k: v for k, v in EditConfig().to_dict().items() if k not in run["settings"]}, **run["settings"]}
+        made = settings_made_with(run["settings"], tuple(settings))
         changed = sorted(k for k in settings if json.loads(json.dumps(settings[k])) != made.get(k))
         if changed:
             raise SystemExit(f"{out}: this run was made with other settings ({', '.join(changed)})")

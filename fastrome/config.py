@@ -22,6 +22,18 @@ LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "me
                    "mpes_min_prob", "mpes_shrink", "v_optimizer", "norm_alpha",
                    "value_norm", "value_norm_factor", "null_space")
 
+# The default each lifelong setting had when it was added. A journal or run written before a setting
+# existed was made with that value, which is not always today's default.
+FIRST_DEFAULTS: Dict[str, Any] = {"memory_dual_keys": "both", "mpes_shrink": False, "v_optimizer": "adam"}
+
+
+def settings_made_with(recorded: Dict[str, Any], fields: Tuple[str, ...] = LIFELONG_FIELDS) -> Dict[str, Any]:
+    """``recorded`` settings completed for ``fields`` it lacks (it was written before they existed):
+    with the default each had when it was added (:data:`FIRST_DEFAULTS`), else today's default."""
+    today = dataclasses.asdict(EditConfig())
+    return {**{k: FIRST_DEFAULTS.get(k, today.get(k)) for k in fields if k not in recorded}, **recorded}
+
+
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
 # optimised until the loss threshold. The default differs from it only in these fields, so
 # ``Editor(model, tok, **CLASSIC)`` (``--classic`` on the command line) is the one setting away.

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fastrome import guards, update
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import cache_dir as resolve_cache_dir
-from fastrome.config import EditConfig, make_config
+from fastrome.config import EditConfig, make_config, settings_made_with
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
 from fastrome.interop import load_rome_npz
@@ -811,8 +811,8 @@ class Editor:
         if not recorded:
             return
         now = self.config.lifelong_settings()
-        # a setting added after the journal was written was, for its edits, at its default
-        recorded = {**{k: v for k, v in EditConfig().lifelong_settings().items() if k not in recorded}, **recorded}
+        # a setting added after the journal was written was, for its edits, at the default it had then
+        recorded = settings_made_with(recorded)
         differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
         if differ:
             said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))

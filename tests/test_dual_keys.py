@@ -154,3 +154,27 @@ def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, 
         assert len(ed.solver(entry.layer).keys) == 2
     ed.undo(rec.edit_id)
     assert all(len(ed.solver(layer).keys) == 0 for layer in (1, 2))
+
+
+def test_a_journal_from_before_a_setting_existed_counts_with_that_settings_first_default(make_tiny, tmp_path):
+    import json
+
+    from fastrome.config import FIRST_DEFAULTS, settings_made_with
+
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    kw = dict(mode="dual", memory_beta=2.0, memory_dual_keys="both", v_optimizer="adam", mpes_shrink=False)
+    ed = editor(model, tok, journal=tmp_path / "j", **kw)
+    ed.edit(REQS[:1])
+    ed.close()
+    lines = tmp_path / "j" / "edits.jsonl"  # as written before these three settings existed
+    heads = [json.loads(line) for line in lines.read_text().splitlines()]
+    for head in heads:
+        for name in FIRST_DEFAULTS:
+            del head["record"]["settings"][name]
+    lines.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in heads))
+    assert settings_made_with(heads[0]["record"]["settings"])["v_optimizer"] == "adam"
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    with pytest.raises(ValueError, match="v_optimizer='adam'"):  # made with Adam, whatever today's default
+        editor(fresh, tok, journal=tmp_path / "j", **{**kw, "v_optimizer": "normalized"})
+    resumed = editor(fresh, tok, journal=tmp_path / "j", **kw)
+    assert resumed.done_case_ids() == [1]
