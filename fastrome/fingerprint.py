@@ -3,7 +3,9 @@
 A fingerprint hashes the model's configuration and the bytes of the given parameters. Tensors of
 up to 4M elements are hashed in full; larger ones (embeddings, 7B-scale matrices) through an
 evenly strided sample of 1M elements plus their fp64 sum and sum of squares, which still changes
-with any realistic change of the weights at a small fraction of the cost.
+with any realistic change of the weights at a small fraction of the cost. The sums are taken 1M
+elements at a time, so a fingerprint never holds more than a chunk's fp64 copy (8 MB) beside the
+weights: a whole-tensor copy would cost 16 bytes per element (+2 GB for a 32k×4096 embedding).
 
 :func:`content_digest` is the exact counterpart for files fastrome writes and reads back (key
 statistics and their checkpoints): it hashes every byte, so a damaged file is recognised.
@@ -20,6 +22,7 @@ from torch import Tensor
 
 FULL_HASH_MAX = 1 << 22
 SAMPLE = 1 << 20
+SUM_CHUNK = 1 << 20  # elements per fp64 chunk of the sums over a large tensor
 # where a dequantised copy of a GGUF model records the GGUF loader's quantization_config (gguf_cache)
 GGUF_SOURCE_KEY = "fastrome_gguf_source"
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path")
@@ -48,13 +51,24 @@ def update_with_tensor(h: "hashlib._Hash", name: str, t: Tensor) -> None:
     h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
     flat = t.detach().reshape(-1)
     if flat.numel() <= FULL_HASH_MAX:
-        h.update(_tensor_bytes(flat))
+        _hash_exact(h, flat)
         return
     # Integer arithmetic: a float linspace rounds past the last index for large tensors.
     idx = torch.arange(SAMPLE, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (SAMPLE - 1)
     h.update(_tensor_bytes(flat[idx]))
-    as64 = flat.to(torch.float64) if flat.is_floating_point() else flat.double()
-    h.update(repr((as64.sum().item(), (as64 * as64).sum().item())).encode())
+    h.update(repr(_chunked_sums(flat)).encode())
+
+
+def _chunked_sums(flat: Tensor) -> Tuple[float, float]:
+    """fp64 sum and sum of squares of a 1-D tensor, :data:`SUM_CHUNK` elements at a time (the chunks'
+    sums added in order, so the result depends only on the values and the chunk size)."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), SUM_CHUNK):
+        chunk = flat[start : start + SUM_CHUNK].to(torch.float64)
+        total += chunk.sum()
+        squares += torch.dot(chunk, chunk)
+    return total.item(), squares.item()
 
 
 def fingerprint(config: Any, named_tensors: Iterable[Tuple[str, Tensor]], extra: str = "") -> str:

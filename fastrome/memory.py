@@ -19,7 +19,7 @@ a resumed run edits exactly as one never stopped.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from fastrome import ops
 from fastrome.solver import CovarianceSolver
 
 SNAPSHOT_EVERY = 32  # keys between the copies of A⁻¹ that undo restarts from
+# Copies of A⁻¹ for undo are kept only while one costs at most this much (d ≤ 5,792 in fp64): at
+# Llama-7B's d = 11,008 a copy is 0.97 GB, and undo then rebuilds from the last refactorisation.
+SNAPSHOT_MAX_BYTES = 1 << 28
 
 
 class EditMemory:
@@ -42,7 +45,9 @@ class EditMemory:
 
     It has the solver interface the update uses (:meth:`solve`, ``dim``, ``device``, ``identity``,
     ``ridge``, ``condition``), and :meth:`add` / :meth:`rebuild` / :meth:`forget_last` for the keys.
-    Besides ``A⁻¹`` it keeps two copies of it from recent points (d×d fp64 each) for undo.
+    Besides ``A⁻¹`` it keeps two copies of it from recent points (d×d fp64 each) for undo, where a
+    copy costs at most :data:`SNAPSHOT_MAX_BYTES`. Until the first key, ``A⁻¹`` is the statistics'
+    own inverse, not a copy of it.
     """
 
     def __init__(self, base: CovarianceSolver, beta: float, refactor_every: int):
@@ -52,11 +57,12 @@ class EditMemory:
             raise ValueError(f"refactor_every: expected a positive int, got {refactor_every!r}")
         self.base, self.beta, self.refactor_every = base, float(beta), refactor_every
         self.keys: List[Tensor] = []  # (d_in,) fp32 on the CPU, in the order they were added
-        self.inverse = base.inverse.to(torch.float64).clone()
-        # (keys held, a copy of the inverse then) at two recent points, oldest first: forgetting the
-        # latest keys (undo) restarts from one, so it costs at most SNAPSHOT_EVERY updates
-        self._snapshots: List[Tuple[int, Tensor]] = []
-        self._snapshot()
+        self.inverse = self._base_inverse()
+        # (keys held, a copy of the inverse then, or None) at two recent points, oldest first:
+        # forgetting the latest keys (undo) restarts from a copy, so it costs at most
+        # 2·SNAPSHOT_EVERY updates; from a point without one it rebuilds
+        self._snapshots: List[Tuple[int, Optional[Tensor]]] = [(0, None)]
+        self._keep_copies = self.dim * self.dim * 8 <= SNAPSHOT_MAX_BYTES
 
     # -- the solver interface ------------------------------------------------------------------
     @property
@@ -104,9 +110,13 @@ class EditMemory:
         keys = [_as_key(k, self.dim) for k in keys]
         boundary = (len(keys) // self.refactor_every) * self.refactor_every
         self.keys = keys[:boundary]
-        self.inverse = self._refactor(self.keys) if boundary else self.base.inverse.to(torch.float64).clone()
-        self._snapshots = []
-        self._snapshot()
+        if boundary:
+            self.inverse = self._refactor(self.keys)
+            self._snapshots = []
+            self._snapshot()
+        else:
+            self.inverse = self._base_inverse()
+            self._snapshots = [(0, None)]  # the base itself: no copy needed
         self._replay(keys[boundary:])
 
     def forget_last(self, n: int) -> None:
@@ -116,7 +126,7 @@ class EditMemory:
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.keys):
             raise ValueError(f"n: expected 0..{len(self.keys)} (keys held), got {n!r}")
         keep = len(self.keys) - n
-        usable = [snap for snap in self._snapshots if snap[0] <= keep]
+        usable = [snap for snap in self._snapshots if snap[0] <= keep and snap[1] is not None]
         if not usable:  # further back than the copies: the ordinary rebuild
             self.rebuild(self.keys[:keep])
             return
@@ -132,9 +142,18 @@ class EditMemory:
             self.add(key)
 
     def _snapshot(self) -> None:
-        self._snapshots = self._snapshots[-1:] + [(len(self.keys), self.inverse.clone())]
+        """Mark this point; with a copy of A⁻¹ where copies are kept (None marks a point without one,
+        from which undo rebuilds)."""
+        copy = self.inverse.clone() if self._keep_copies else None
+        self._snapshots = self._snapshots[-1:] + [(len(self.keys), copy)]
+
+    def _base_inverse(self) -> Tensor:
+        """The statistics' inverse in fp64: itself (shared until the first update) or a converted copy."""
+        return self.base.inverse.to(torch.float64)
 
     def _sherman_morrison(self, key: Tensor) -> None:
+        if self.inverse is self.base.inverse:  # copy on first write: the base stays as it was
+            self.inverse = self.inverse.clone()
         u, denom = ops.solve_keys(self.inverse, key.to(self.device, torch.float64))
         if not bool(ops.symmetric_rank_one_update(self.inverse, u, self.beta, denom)):
             raise ValueError(f"edit memory: 1 + β·uᵀk = {1.0 + self.beta * float(denom)!r} for a new key; A would "

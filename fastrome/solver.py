@@ -87,16 +87,26 @@ def _not_positive_definite(C64: Tensor, scale: float, cap: float, ridge: float, 
 
 def _factorise(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
     """Cholesky factor of ``C64 + r·I`` and the ridge ``r`` used: ``ridge``, or the smallest step of
-    :func:`_ridge_ladder` that factorises (with a warning), or a ``ValueError``."""
+    :func:`_ridge_ladder` that factorises (with a warning), or a ``ValueError``.
+
+    The ridge is added to ``C64``'s diagonal in place and taken off again by restoring the saved
+    diagonal (bit for bit), so the only d×d buffer allocated is the factor itself."""
     scale = _scale(C64)
     cap = max(ridge, MAX_RIDGE_ESCALATION * scale)
-    eye = torch.eye(C64.shape[0], dtype=torch.float64, device=C64.device)
-    for used in _ridge_ladder(ridge, scale, cap):
-        factor, info = torch.linalg.cholesky_ex(C64 + used * eye)
-        if int(info) == 0:
-            break
-    else:
-        raise _not_positive_definite(C64, scale, cap, ridge, where)
+    diagonal = C64.diagonal()
+    saved = diagonal.clone()
+    try:
+        for used in _ridge_ladder(ridge, scale, cap):
+            torch.add(saved, used, out=diagonal)
+            factor, info = torch.linalg.cholesky_ex(C64)
+            if int(info) == 0:
+                break
+            factor = None  # free the failed attempt before the next one
+        else:
+            diagonal.copy_(saved)
+            raise _not_positive_definite(C64, scale, cap, ridge, where)
+    finally:
+        diagonal.copy_(saved)
     if used != ridge:
         warnings.warn(
             f"{where}C is not positive definite with ridge={ridge:g}; factorised with ridge={used:.3e} "
@@ -104,6 +114,31 @@ def _factorise(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
             stacklevel=3,
         )
     return factor, used
+
+
+def _symmetrise_(A: Tensor, block: int = 1024) -> Tensor:
+    """``A ← (A + Aᵀ)/2`` in place, block by block (one block of scratch, not a d×d copy); the result
+    is exactly symmetric and equal, bit for bit, to ``0.5 * (A + A.t())``."""
+    d = A.shape[0]
+    for i in range(0, d, block):
+        for j in range(i, d, block):
+            mean = 0.5 * (A[i : i + block, j : j + block] + A[j : j + block, i : i + block].t())
+            A[i : i + block, j : j + block] = mean
+            A[j : j + block, i : i + block] = mean.t()
+    return A
+
+
+def _norm1(A: Tensor, shift: float = 0.0, block: int = 1024) -> float:
+    """``‖A + shift·I‖₁`` (largest column sum of |entries|), a block of rows at a time."""
+    d = A.shape[0]
+    sums = torch.zeros(d, dtype=A.dtype, device=A.device)
+    for i in range(0, d, block):
+        rows = A[i : i + block].abs()
+        if shift:
+            idx = torch.arange(rows.shape[0], device=A.device)
+            rows[idx, idx + i] = (A[i : i + block].diagonal(i) + shift).abs()
+        sums += rows.sum(0)
+    return float(sums.max())
 
 
 class CovarianceSolver:
@@ -145,27 +180,39 @@ class CovarianceSolver:
             raise ValueError(f"{where}C: expected a square floating-point matrix, got {shape}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision: expected 'float64' or 'float32', got {precision!r}")
+        # Peak memory: two d×d fp64 buffers beside the caller's C (C64 and the factor, then the factor
+        # and the inverse); the ridge goes on C64's diagonal in place and no identity is formed.
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
+        if C64.data_ptr() == C.data_ptr():  # already fp64 where it should be: never alter the caller's C
+            C64 = C64.clone()
         _check_finite(C64, where)  # before any ridge arithmetic: a NaN scale makes a NaN ridge
-        C64 = 0.5 * (C64 + C64.t())  # exact symmetry, whatever rounding the accumulation left
+        _symmetrise_(C64)  # exact symmetry, whatever rounding the accumulation left
         used = _absolute_ridge(ridge, relative_ridge, _scale(C64))
         factor, used = _factorise(C64, used, where)
+        norm1 = _norm1(C64, used)
+        del C64
         inverse = torch.cholesky_inverse(factor)
-        inverse = 0.5 * (inverse + inverse.t())  # the solve kernels read rows as columns
-        eye = torch.eye(C64.shape[0], dtype=torch.float64, device=C64.device)
-        norm1 = float((C64 + used * eye).abs().sum(0).max())
-        self.condition = norm1 * float(inverse.abs().sum(0).max())
+        del factor
+        _symmetrise_(inverse)  # the solve kernels read rows as columns
+        self.condition = norm1 * _norm1(inverse)
         self.inverse = inverse.to(getattr(torch, precision))
         self.ridge = used
         self.identity = False
-        self.dim = int(C64.shape[0])
+        self.dim = int(inverse.shape[0])
         self.source = source
 
     @classmethod
     def identity(cls, dim: int, device: Optional[Union[str, torch.device]] = None) -> "CovarianceSolver":
-        """A solver for ``C = I`` (statistics switched off): ``u = k``."""
-        solver = cls(torch.eye(dim, dtype=torch.float64, device=device))
+        """A solver for ``C = I`` (statistics switched off): ``u = k``, with no factorisation."""
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+        solver = cls.__new__(cls)
+        solver.inverse = torch.eye(dim, dtype=torch.float64, device=device)
+        solver.condition = 1.0
+        solver.ridge = 0.0
         solver.identity = True
+        solver.dim = dim
+        solver.source = None
         return solver
 
     @property

@@ -70,11 +70,15 @@ def test_rebuilding_from_the_keys_gives_the_inverse_bit_for_bit(d, every):
     assert torch.equal(added.inverse, fewer.inverse)
 
 
-@pytest.mark.parametrize("snapshot_every", [2, 32])  # undo from copies of A⁻¹, or past them by a rebuild
+# undo from copies of A⁻¹, past them by a rebuild, or (copies too large to keep: 0 bytes allowed)
+# always by a rebuild
+@pytest.mark.parametrize("snapshot_every, copy_bytes", [(2, 1 << 28), (32, 1 << 28), (2, 0)])
 @pytest.mark.parametrize("d, every", [(37, 4), (12, 4), (97, 1000), (64, 1)])
-def test_forgetting_the_latest_keys_equals_never_adding_them(d, every, snapshot_every, monkeypatch):
+def test_forgetting_the_latest_keys_equals_never_adding_them(d, every, snapshot_every, copy_bytes, monkeypatch):
     monkeypatch.setattr(fastrome.memory, "SNAPSHOT_EVERY", snapshot_every)
+    monkeypatch.setattr(fastrome.memory, "SNAPSHOT_MAX_BYTES", copy_bytes)
     base = CovarianceSolver(spd(d, 5))
+    untouched = base.inverse.clone()
     keys = list(torch.randn(11, d, generator=torch.Generator().manual_seed(7)))
     memory = EditMemory(base, beta=0.05, refactor_every=every)
     for k in keys:
@@ -91,6 +95,10 @@ def test_forgetting_the_latest_keys_equals_never_adding_them(d, every, snapshot_
     assert torch.equal(memory.inverse, fresh.inverse)
     with pytest.raises(ValueError, match=f"n: expected 0..{len(fresh.keys)} "):
         fresh.forget_last(len(fresh.keys) + 1)
+    memory.forget_last(len(memory.keys))  # back to no keys: the statistics' inverse, which never moved
+    assert torch.equal(memory.inverse, untouched) and torch.equal(base.inverse, untouched)
+    if copy_bytes == 0:  # no d×d copy was ever held beside A⁻¹
+        assert all(copy is None for _, copy in memory._snapshots)
 
 
 def test_bad_settings_and_keys_are_refused():
