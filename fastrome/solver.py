@@ -180,8 +180,9 @@ class CovarianceSolver:
             raise ValueError(f"{where}C: expected a square floating-point matrix, got {shape}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision: expected 'float64' or 'float32', got {precision!r}")
-        # Peak memory: two d×d fp64 buffers beside the caller's C (C64 and the factor, then the factor
-        # and the inverse); the ridge goes on C64's diagonal in place and no identity is formed.
+        # Memory: C64 and the factor, then the factor and the inverse (plus the copy
+        # torch.cholesky_inverse makes: about three d×d fp64 buffers at the peak, measured in
+        # benches/solver_memory.py); the ridge goes on C64's diagonal in place, no identity is formed.
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
         if C64.data_ptr() == C.data_ptr():  # already fp64 where it should be: never alter the caller's C
             C64 = C64.clone()
