@@ -115,12 +115,14 @@ def main(argv=None) -> int:
         rows = analyse_layer(_layer_rows(journal, layer), C, W0, every=args.every, beta=beta, keys=keys)
         result["layers"][str(layer)] = rows
         print(f"layer {layer} (d = {C.shape[0]}, memory β {beta:g}, keys {keys})")
-        print("| edits | ‖ΔW‖/‖W₀‖ | energy | coherence | edit energy (median) | key reach | memory keys / d | β·KC⁻¹Kᵀ > 1 | free |")
+        print("| edits | ‖ΔW‖/‖W₀‖ | energy | coherence | edit energy (median) | key reach "
+              "| memory keys / d | β·KC⁻¹Kᵀ > 1 | free |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             free = f"{r['free']:.2f}" if "free" in r else "–"
             print(f"| {r['edits']} | {r['drift']:.3f} | {r['energy']:.4f} | {r['coherence']:.2f} | "
-                  f"{r['edit_energy']:.2e} | {r['key_reach']:.1f} | {r['memory_keys']} / {r['d']} | {r['memory_dominant']} | {free} |")
+                  f"{r['edit_energy']:.2e} | {r['key_reach']:.1f} | {r['memory_keys']} / {r['d']} | "
+                  f"{r['memory_dominant']} | {free} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0

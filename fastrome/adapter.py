@@ -29,6 +29,16 @@ PLAIN_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gptj", "p
 MEASURED_LAYERS = {("llama", 30, 576, 1536): 6}
 
 
+def head_split(model: nn.Module) -> Optional[Tuple[nn.Module, nn.Module]]:
+    """``(body, head)`` when the model's logits are exactly ``head(body(...).last_hidden_state)``
+    (its type in :data:`PLAIN_HEAD` and an output embedding present), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD or head is None:
+        return None
+    return getattr(model, "base_model", model), head
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -111,7 +121,7 @@ class ModelAdapter:
 
     @property
     def plain_head(self) -> bool:
-        return self.model_type in PLAIN_HEAD and self.output_embeddings() is not None
+        return head_split(self.model) is not None
 
     def default_layer(self) -> int:
         """The measured layer for known models, else about one sixth of the depth (the depth the

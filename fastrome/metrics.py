@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastrome.adapter import PLAIN_HEAD
+from fastrome.adapter import head_split
 from fastrome.tokens import encode, pad_id, right_pad, target_ids
 
 LOGITS_BUDGET = 1 << 24  # fp32 logits computed at once (64 MB)
@@ -50,37 +50,25 @@ def _device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _plain_head(model: nn.Module):
-    """``(body, head)`` when the model's logits are exactly ``head(body(...).last_hidden_state)``."""
-    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD:
-        return None
-    body = getattr(model, "base_model", None)
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if body is None or body is model or not isinstance(head, nn.Linear):
-        return None
-    return body, head
-
-
-def _outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``(states, to_logits)``: final hidden states (b, t, h) and the head as a function giving fp32
-    logits (n, vocab) for rows of them; for a model without a plain head, its logits (b, t, vocab)
-    and a cast to fp32. Any failure of the head-only path falls back to the whole model, once with
-    a warning."""
+def _outputs(model: nn.Module, ids: Tensor, mask: Tensor) -> Tuple[Tensor, Callable[[Tensor], Tensor], int]:
+    """``(states, to_logits, vocab)``: final hidden states (b, t, h) and the head as a function giving
+    fp32 logits (n, vocab) for rows of them; for a model without a plain head, its logits
+    (b, t, vocab) and a cast to fp32. Any failure of the head-only path falls back to the whole
+    model, once with a warning."""
     global _warned_head
-    split = _plain_head(model)
+    split = head_split(model)
     if split is not None:
         body, head = split
         try:
             states = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            return states, lambda rows: head(rows.to(head.weight.dtype)).float()
+            return states, lambda rows: head(rows.to(head.weight.dtype)).float(), head.weight.shape[0]
         except Exception as exc:  # noqa: BLE001 - any failure: the public whole-model path
             if not _warned_head:
                 _warned_head = True
                 logger.warning("scoring with the head at scored positions only failed (%s: %s); "
                                "scoring with whole-model logits instead", type(exc).__name__, exc)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits, lambda rows: rows.float()
+    return logits, lambda rows: rows.float(), logits.shape[-1]
 
 
 @torch.no_grad()
@@ -96,7 +84,7 @@ def score_targets(
         seqs.append(pre + tgt)
         spans.append((len(pre), tgt))
     ids, mask = right_pad(seqs, pad_id(tokenizer), _device(model))
-    states, to_logits = _outputs(model, ids, mask)
+    states, to_logits, _ = _outputs(model, ids, mask)
     out = []
     for row, (start, tgt) in enumerate(spans):
         pos = torch.arange(start - 1, start - 1 + len(tgt), device=states.device)
@@ -121,19 +109,18 @@ def perplexities(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_s
     for i in range(0, len(texts), batch_size):
         seqs = [encode(tokenizer, t) for t in texts[i : i + batch_size]]
         ids, mask = right_pad(seqs, pad_id(tokenizer), device)
-        states, to_logits = _outputs(model, ids, mask)
+        states, to_logits, vocab = _outputs(model, ids, mask)
+        step = max(1, LOGITS_BUDGET // vocab)  # positions whose logits are computed at once
         for row, seq in enumerate(seqs):
-            out.append(math.exp(_mean_nll(states[row], to_logits, ids[row], len(seq))))
+            out.append(math.exp(_mean_nll(states[row], to_logits, ids[row], len(seq), step)))
     return out
 
 
-def _mean_nll(states: Tensor, to_logits: Callable[[Tensor], Tensor], ids: Tensor, length: int) -> float:
-    """Mean NLL of tokens 1..length-1 of one row, the head run on a bounded block of positions at a
-    time (``states``: (t, h) hidden states or (t, vocab) logits of that row)."""
+def _mean_nll(states: Tensor, to_logits: Callable[[Tensor], Tensor], ids: Tensor, length: int, step: int) -> float:
+    """Mean NLL of tokens 1..length-1 of one row, the head run on ``step`` positions at a time
+    (``states``: (t, h) hidden states or (t, vocab) logits of that row)."""
     if length < 2:
         return 0.0
-    vocab = to_logits(states[:1]).shape[-1]
-    step = max(1, LOGITS_BUDGET // vocab)
     total = torch.zeros((), dtype=torch.float64, device=states.device)
     for start in range(0, length - 1, step):
         stop = min(start + step, length - 1)
