@@ -1,5 +1,6 @@
-// The fastrome_C op library: schemas of the compiled kernels, and the Python module that carries
-// them. Kernels live in cpu/ (always built) and cuda/ (built when a CUDA toolkit is present).
+// The fastrome_C op library: schemas of the compiled kernels and the C++ CPU kernels (cpu/), in the
+// Python module fastrome._C. The CUDA kernels (cuda/) are a separate extension, fastrome._C_cuda,
+// that registers its kernels under these names for CUDA tensors.
 #include <torch/extension.h>
 
 #include <string>
@@ -23,11 +24,6 @@ namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
-#ifdef FASTROME_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
 #if AT_PARALLEL_OPENMP
   info["cpu_parallel"] = std::string("openmp");
 #else
@@ -48,6 +44,6 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastrome compiled kernels (registered as torch.ops.fastrome_C)";
+  m.doc() = "fastrome C++ CPU kernels and op schemas (torch.ops.fastrome_C)";
   m.def("build_info", &build_info, "What this extension was built with.");
 }

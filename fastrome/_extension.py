@@ -1,7 +1,9 @@
-"""Loads the compiled extension ``fastrome._C`` if it was built; importing fastrome never needs it.
+"""Loads fastrome's compiled extensions if they were built; importing fastrome never needs them.
 
-Importing ``fastrome._C`` registers the ``torch.ops.fastrome_C`` kernels (C++ CPU, and CUDA when
-the build had a toolkit) and exposes :func:`build_info`.
+- ``fastrome._C`` defines the ``torch.ops.fastrome_C`` ops and registers their C++ CPU kernels.
+- ``fastrome._C_cuda`` registers the CUDA kernels of the same ops. It is built and loaded apart
+  from ``_C``, so a CUDA build that failed, or a CUDA runtime missing here, leaves the CPU kernels
+  served.
 """
 
 from __future__ import annotations
@@ -12,28 +14,55 @@ from typing import Any, Dict, Optional
 _state: Dict[str, Any] = {}
 
 
-def _load() -> None:
-    if "module" in _state:
+def _import(name: str) -> None:
+    if name in _state:
         return
     try:
-        module = importlib.import_module("fastrome._C")
-        _state["module"], _state["error"] = module, None
-    except ImportError as exc:  # not built, or built against another torch
-        _state["module"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
+        module = importlib.import_module(name)
+        _state[name] = (module, None)
+    except ImportError as exc:  # not built, or built against another torch / CUDA runtime
+        _state[name] = (None, f"{type(exc).__name__}: {exc}")
+
+
+def _cpu() -> tuple:
+    _import("fastrome._C")
+    return _state["fastrome._C"]
+
+
+def _cuda() -> tuple:
+    if _cpu()[0] is None:  # the schemas live in _C: without it there is nothing to register under
+        return None, f"fastrome._C is not loaded ({_cpu()[1]})"
+    _import("fastrome._C_cuda")
+    return _state["fastrome._C_cuda"]
 
 
 def load_error() -> Optional[str]:
-    """None if the extension is loaded, else why it could not be."""
-    _load()
-    return _state["error"]
+    """None if the CPU extension ``fastrome._C`` is loaded, else why it could not be."""
+    return _cpu()[1]
+
+
+def cuda_load_error() -> Optional[str]:
+    """None if the CUDA extension ``fastrome._C_cuda`` is loaded, else why it could not be."""
+    return _cuda()[1]
 
 
 def build_info() -> Dict[str, Any]:
-    """What the extension was built with (empty when it is not built)."""
-    _load()
-    module = _state["module"]
-    return dict(module.build_info()) if module is not None else {}
+    """What the extensions were built with: ``_C``'s details, ``cuda`` (whether ``_C_cuda`` is
+    loaded) and, when it is, its details under ``cuda_build``, else why not under ``cuda_error``.
+    Empty when ``_C`` is not built."""
+    module, _ = _cpu()
+    if module is None:
+        return {}
+    info = dict(module.build_info())
+    cuda, why = _cuda()
+    info["cuda"] = cuda is not None
+    if cuda is not None:
+        info["cuda_build"] = dict(cuda.build_info())
+    else:
+        info["cuda_error"] = why
+    return info
 
 
 def built_with_cuda() -> bool:
-    return bool(build_info().get("cuda", False))
+    """Whether the CUDA kernels are loaded (``fastrome._C_cuda``)."""
+    return _cuda()[0] is not None

@@ -8,12 +8,13 @@
 # Each source is compiled with `nvcc -c` into a temp dir with the flags torch's CUDAExtension
 # would use (torch's include dirs, Python's, TORCH_EXTENSION_NAME=_C, TORCH_API_INCLUDE_EXTENSION_H,
 # _GLIBCXX_USE_CXX11_ABI=<torch's>, --expt-relaxed-constexpr, the __CUDA_NO_HALF_OPERATORS__
-# family, -fPIC) plus setup.py's CUDA flags (-O3 -std=c++17 -lineinfo, FASTROME_WITH_CUDA) and
+# family, -fPIC) plus setup.py's CUDA flags (-O3 -lineinfo, the arch-list macro), the C++ standard
+# torch's build helper would pick (C++20; torch 2.14's headers require it), and
 # device code for sm_90a and sm_80. ptxas is asked to warn about register spills and local
 # memory. It prints the seconds each file took and exits non-zero on any error, and on any
 # warning it considers serious: a warning located in this repository's sources, any ptxas
 # warning (spills, local memory, ...) and any nvcc driver warning. Warnings inside torch's own
-# headers (e.g. C++20 bit-field initialisers seen under -std=c++17) are counted, not fatal.
+# headers are counted, not fatal.
 #
 # What it proves: the sources are valid C++/CUDA against these torch headers and this toolkit,
 # every kernel template instantiated by the host code compiles for both architectures, and none
@@ -74,8 +75,8 @@ for header in ATen/cuda/CUDAContextLight.h c10/cuda/CUDAGuard.h c10/cuda/CUDAStr
 done
 
 DEFINES=(
-  -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H "-D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI"
-  -DFASTROME_WITH_CUDA=1
+  -DTORCH_EXTENSION_NAME=_C_cuda -DTORCH_API_INCLUDE_EXTENSION_H "-D_GLIBCXX_USE_CXX11_ABI=$CXX11_ABI"
+  '-DFASTROME_CUDA_ARCH_LIST="8.0;9.0a"'
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
   -D__CUDA_NO_HALF2_OPERATORS__
 )
@@ -87,11 +88,11 @@ fi
 
 # Keep in step with setup.py's CUDA section (nvcc flags and the default arch list).
 NVCC_FLAGS=(
-  -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC
+  -O3 -std=c++20 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC
   -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_80,code=sm_80
   -Xptxas=-warn-spills,-warn-lmem-usage --resource-usage
 )
-CXX_FLAGS=(-O3 -std=c++17 -fPIC -Wall)
+CXX_FLAGS=(-O3 -std=c++20 -fPIC -Wall)
 
 shopt -s nullglob
 SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cpp)
@@ -103,6 +104,13 @@ fi
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/fastrome-cuda-check.XXXXXX")
 if [ -z "${KEEP:-}" ]; then trap 'rm -rf "$TMP"' EXIT; fi
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 1)}
+# The toolkit's headers, for the host-compiled .cpp sources: CUDA_HOME's, else those of the root nvcc
+# reports in a dry run (nvcc may be a link or a wrapper script away from its toolkit)
+CUDA_INCLUDE=${CUDA_HOME:+$CUDA_HOME/include}
+if [ -z "$CUDA_INCLUDE" ] || [ ! -f "$CUDA_INCLUDE/cuda_runtime_api.h" ]; then
+  TOP=$("$NVCC" -dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  CUDA_INCLUDE=${TOP:-$(dirname "$(dirname "$NVCC")")}/include
+fi
 NVCC_VERSION=$("$NVCC" --version | tail -n 1)
 echo "check_cuda_build: $NVCC ($NVCC_VERSION), torch $TORCH_VERSION, CXX11 ABI $CXX11_ABI, $JOBS job(s)$NOTE"
 
@@ -115,9 +123,7 @@ compile_one() {
   if [[ $src == *.cu ]]; then
     "$NVCC" -c "$src" -o "$base.o" "${NVCC_FLAGS[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" >"$base.log" 2>&1 || rc=$?
   else
-    local cuda_inc
-    cuda_inc=$(dirname "$(dirname "$NVCC")")/include
-    "${CXX:-c++}" -c "$src" -o "$base.o" "${CXX_FLAGS[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" "-I$cuda_inc" \
+    "${CXX:-c++}" -c "$src" -o "$base.o" "${CXX_FLAGS[@]}" "${DEFINES[@]}" "${INCLUDES[@]}" "-I$CUDA_INCLUDE" \
       >"$base.log" 2>&1 || rc=$?
   fi
   end=$(date +%s.%N)

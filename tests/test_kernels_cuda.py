@@ -1,7 +1,7 @@
 """GPU tests of the CUDA kernels (csrc/cuda) through the public API with the "cuda" backend.
 
-They skip on a machine without a CUDA device, or when fastrome._C was built without its CUDA
-sources. Every numerical check compares with an independent float64 computation on the same
+They skip on a machine without a CUDA device, or when the CUDA extension fastrome._C_cuda is not
+built. Every numerical check compares with an independent float64 computation on the same
 (rounded) inputs, with tolerances derived from the precision the ops promise: fp32 arithmetic
 (fp64 for fp64 data) whatever the storage dtype. Refused writes must leave every bit in place.
 """
@@ -50,7 +50,7 @@ def _why_skip():
     if _extension.load_error() is not None:
         return f"the extension fastrome._C is not built: {_extension.load_error()}"
     if not _extension.built_with_cuda():
-        return "fastrome._C was built without its CUDA sources (fastrome._extension.built_with_cuda() is False)"
+        return f"the CUDA extension fastrome._C_cuda is not loaded: {_extension.cuda_load_error()}"
     return None
 
 

@@ -86,3 +86,19 @@ def test_every_subpackage_is_installed(module):
     import importlib
 
     assert importlib.import_module(module) is not None
+
+
+@pytest.mark.skipif(os.environ.get("FASTROME_EXPECT_CUDA") != "1",
+                    reason="not a CUDA build under test (scripts/wheel_smoke.sh sets FASTROME_EXPECT_CUDA=1 for one)")
+def test_cuda_extension_is_installed_beside_the_cpu_kernels():
+    from fastrome import _extension, ops
+
+    assert _extension.cuda_load_error() is None, _extension.cuda_load_error()
+    info = _extension.build_info()
+    assert info["cuda"] is True and info["cuda_build"]["cuda_arch"], info
+    for op in ops.OPS:  # CUDA kernels registered, CPU kernels still there under the same name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome_C::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome_C::{op}", "CPU"), op
+    assert ops.select_backend("symmetric_rank_one_update", torch.device("cpu")) == "cpp"
+    out = subprocess.run([sys.executable, "-m", "fastrome", "info"], capture_output=True, text=True, check=True).stdout
+    assert "'cuda': True" in out, out
