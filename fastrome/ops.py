@@ -17,6 +17,7 @@ call the registered ``torch.ops.fastrome.*`` op, so the same code runs eagerly a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -72,7 +73,8 @@ def _reference_rank_one_update(weight, u, lam, denom, min_denom, master):
 
 
 def _compiled_impls() -> Dict[str, Callable]:
-    # One op library for the C++ CPU and the CUDA kernels: the dispatcher routes by device.
+    # One op library for the C++ CPU (fastrome._C) and the CUDA (fastrome._C_cuda) kernels: the
+    # dispatcher routes by device.
     lib = torch.ops.fastrome_C
     return {
         "second_moment_accumulate": lib.second_moment_accumulate,
@@ -96,10 +98,11 @@ def _cuda_unavailable() -> Optional[str]:
     why = _cpp_unavailable()
     if why is not None:
         return why
-    if not _extension.built_with_cuda():
+    err = _extension.cuda_load_error()
+    if err is not None:
         return (
-            "fastrome._C was built without CUDA sources; rebuild on a machine with a CUDA toolkit "
-            "and a CUDA build of torch (FASTROME_BUILD_CUDA=1 to insist)"
+            f"the CUDA extension fastrome._C_cuda is not loaded ({err}); build it on a machine with a "
+            "CUDA toolkit and a CUDA build of torch (FASTROME_BUILD_CUDA=1 to insist)"
         )
     return None
 
@@ -174,7 +177,8 @@ def preference(op: str, device_type: str) -> Tuple[str, ...]:
     return PREFERENCE.get(device_type, {}).get(op, ("reference",))
 
 
-_forced: List[Optional[str]] = [None]
+# a ContextVar, not a module global: a block in one thread or asyncio task forces nothing in another
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastrome_forced_backend", default=None)
 
 
 def _backend_serves(backend: Backend, op: str, device: torch.device) -> Optional[str]:
@@ -193,7 +197,7 @@ def _backend_serves(backend: Backend, op: str, device: torch.device) -> Optional
 
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``FASTROME_BACKEND``, if any."""
-    name = _forced[0] or os.environ.get(ENV_BACKEND) or None
+    name = _forced.get() or os.environ.get(ENV_BACKEND) or None
     if name is not None and name not in BACKENDS:
         raise ValueError(f"{ENV_BACKEND}={name!r} is not a backend; choose one of {sorted(BACKENDS)}")
     return name
@@ -223,12 +227,11 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force ``name`` for every op inside the block (``None`` restores automatic choice)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend: {name!r} is not one of {sorted(BACKENDS)}")
-    previous = _forced[0]
-    _forced[0] = name
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced[0] = previous
+        _forced.reset(token)
 
 
 def backend_table(devices: Optional[Sequence[str]] = None) -> List[Dict[str, str]]:

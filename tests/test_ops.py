@@ -1086,6 +1086,27 @@ def test_use_backend_forces_reference(monkeypatch, reference_spies):
     assert reference_spies == {op: 1 for op in ops.OPS}
 
 
+def test_use_backend_forces_only_its_own_thread(monkeypatch):
+    import threading
+
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def forcing():
+        with ops.use_backend("reference"):
+            seen["forcing"] = ops.forced_backend()
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=forcing)
+    worker.start()
+    assert inside.wait(10)
+    seen["other"] = ops.forced_backend()  # this thread, while the other is inside its block
+    release.set()
+    worker.join(10)
+    assert seen == {"forcing": "reference", "other": None}
+
+
 def test_use_backend_restores_after_exception(monkeypatch):
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
     with pytest.raises(KeyError):
