@@ -38,11 +38,16 @@ from fastrome import ops
 MAX_RIDGE_ESCALATION = 1e-3
 # First escalated ridge, as a fraction of the scale: the rounding of an fp64 sum.
 _FIRST_ESCALATION = 1e-12
+# Rows per block of the row-wise passes over C (finiteness, 1-norms): their temporaries stay a few
+# MB. Larger blocks of tens of MB are kept by the C allocator after they are freed and add up to a
+# sizeable share of a d×d buffer in resident memory.
+ROW_BLOCK = 128
 
 
 def _check_finite(C: Tensor, where: str) -> None:
     """Refuse a matrix with NaN or Inf entries, counting them (no ridge means anything then)."""
-    bad = int((~torch.isfinite(C)).sum())
+    # ROW_BLOCK rows at a time: a d×d mask would be an eighth of an fp64 buffer, twice
+    bad = sum(int(C[i : i + ROW_BLOCK].isfinite().logical_not_().sum()) for i in range(0, C.shape[0], ROW_BLOCK))
     if bad:
         raise ValueError(
             f"{where}the statistics matrix C has {bad:,} non-finite entries (NaN or Inf) of "
@@ -116,7 +121,7 @@ def _factorise(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
     return factor, used
 
 
-def _symmetrise_(A: Tensor, block: int = 1024) -> Tensor:
+def _symmetrise_(A: Tensor, block: int = 256) -> Tensor:
     """``A ← (A + Aᵀ)/2`` in place, block by block (one block of scratch, not a d×d copy); the result
     is exactly symmetric and equal, bit for bit, to ``0.5 * (A + A.t())``."""
     d = A.shape[0]
@@ -128,7 +133,7 @@ def _symmetrise_(A: Tensor, block: int = 1024) -> Tensor:
     return A
 
 
-def _norm1(A: Tensor, shift: float = 0.0, block: int = 1024) -> float:
+def _norm1(A: Tensor, shift: float = 0.0, block: int = ROW_BLOCK) -> float:
     """``‖A + shift·I‖₁`` (largest column sum of |entries|), a block of rows at a time."""
     d = A.shape[0]
     sums = torch.zeros(d, dtype=A.dtype, device=A.device)
@@ -180,9 +185,9 @@ class CovarianceSolver:
             raise ValueError(f"{where}C: expected a square floating-point matrix, got {shape}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision: expected 'float64' or 'float32', got {precision!r}")
-        # Memory: C64 and the factor, then the factor and the inverse (plus the copy
-        # torch.cholesky_inverse makes: about three d×d fp64 buffers at the peak, measured in
-        # benches/solver_memory.py); the ridge goes on C64's diagonal in place, no identity is formed.
+        # Memory: two d×d fp64 buffers at the peak, C64 and the factor; the ridge goes on C64's
+        # diagonal in place (no identity is formed) and the inverse overwrites the factor
+        # (benches/solver_memory.py measures it).
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
         if C64.data_ptr() == C.data_ptr():  # already fp64 where it should be: never alter the caller's C
             C64 = C64.clone()
@@ -192,7 +197,7 @@ class CovarianceSolver:
         factor, used = _factorise(C64, used, where)
         norm1 = _norm1(C64, used)
         del C64
-        inverse = torch.cholesky_inverse(factor)
+        inverse = torch.cholesky_inverse(factor, out=factor)  # in place: LAPACK's potri overwrites the factor
         del factor
         _symmetrise_(inverse)  # the solve kernels read rows as columns
         self.condition = norm1 * _norm1(inverse)

@@ -1,0 +1,58 @@
+"""CovarianceSolver's construction, which keeps at most two d×d fp64 buffers (C64 and the factor,
+the inverse written over the factor): the same inverse, bit for bit, as the textbook construction
+with a materialised identity, and the caller's C left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrome.solver import CovarianceSolver, _check_finite
+
+
+def _textbook(C: torch.Tensor, relative_ridge: float):
+    C64 = C.detach().to(torch.float64)
+    C64 = 0.5 * (C64 + C64.t())
+    ridge = relative_ridge * float(C64.diagonal().abs().mean())
+    shifted = C64 + ridge * torch.eye(C64.shape[0], dtype=torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
+    inverse = 0.5 * (inverse + inverse.t())
+    norm = float(shifted.abs().sum(0).max()) * float(inverse.abs().sum(0).max())
+    return inverse, ridge, norm
+
+
+def _moment(d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * d + 3, d, generator=g, dtype=torch.float64)
+    return (X.t() @ X / X.shape[0]).to(dtype)
+
+
+@pytest.mark.parametrize("d", [7, 37, 257, 1031])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_inverse_is_the_textbook_one_bit_for_bit(d, dtype, layout):
+    C = _moment(d, dtype, seed=d)
+    if layout == "transposed":  # a non-contiguous view of the same (symmetric up to rounding) matrix
+        C = C.t()
+    before = C.clone()
+    solver = CovarianceSolver(C, relative_ridge=1e-6)
+    inverse, ridge, norm = _textbook(C, 1e-6)
+    assert torch.equal(solver.inverse, inverse)
+    assert torch.equal(solver.inverse, solver.inverse.t())
+    assert solver.ridge == ridge
+    assert solver.condition == pytest.approx(norm, rel=1e-12)
+    assert torch.equal(C, before)  # the caller's C, fp64 or not, is never altered
+
+
+def test_float32_precision_rounds_the_same_inverse():
+    C = _moment(61, torch.float32, seed=1)
+    assert torch.equal(CovarianceSolver(C, relative_ridge=1e-6, precision="float32").inverse,
+                       _textbook(C, 1e-6)[0].float())
+
+
+@pytest.mark.parametrize("d", [5, 300])
+def test_non_finite_entries_are_counted_block_by_block(d):
+    C = _moment(d, torch.float64, seed=2)
+    C[0, 1], C[d - 1, d - 2], C[d // 2, 0] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(ValueError, match=r"has 3 non-finite entries"):
+        _check_finite(C, "")
