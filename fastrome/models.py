@@ -218,14 +218,6 @@ def greedy_complete(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
 
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([encode(tokenizer, prompt)], device=device)
-    logits, past = decoding.step(model, ids)
-    new = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for i in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        if nxt == eos:
-            break
-        new.append(nxt)
-        if i + 1 < max_new_tokens:
-            logits, past = decoding.step(model, torch.tensor([[nxt]], device=device), past)
+    new = decoding.generate(model, ids, max_new_tokens, decoding.greedy, getattr(tokenizer, "eos_token_id", None))
+    new = new[0].tolist()
     return tokenizer.decode(new, skip_special_tokens=True)

@@ -25,19 +25,8 @@ TOP_K = 5
 @torch.no_grad()
 def _sample(model: nn.Module, ids: torch.Tensor, n_new: int, generator: torch.Generator) -> torch.Tensor:
     """Append ``n_new`` top-k-sampled tokens to every row of ``ids`` (b, t) using the KV cache."""
-    logits, past = decoding.step(model, ids)
-    logits = logits[:, -1]
-    pieces = [ids]
-    for step in range(n_new):
-        top = torch.topk(logits.float(), TOP_K, dim=-1)
-        probs = torch.softmax(top.values, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)
-        nxt = top.indices.gather(1, choice)
-        pieces.append(nxt)
-        if step + 1 < n_new:
-            logits, past = decoding.step(model, nxt, past)
-            logits = logits[:, -1]
-    return torch.cat(pieces, dim=1)
+    new = decoding.generate(model, ids, n_new, decoding.top_k_sampler(TOP_K, generator))
+    return torch.cat([ids, new], dim=1)
 
 
 def _clean(text: str) -> str:

@@ -91,17 +91,8 @@ def generate_for_fluency(
             gen = torch.Generator(device=device)
             gen.manual_seed(int(seed) + index)
             ids = torch.tensor([encode(tok, prompt)], dtype=torch.long, device=device)  # (1, t)
-            logits, past = decoding.step(model, ids)
-            new = []
-            for i in range(max_new_tokens):
-                top = torch.topk(logits[0, -1].float(), min(top_k, logits.shape[-1]))
-                choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)
-                nxt = int(top.indices[choice])
-                if nxt == eos:
-                    break
-                new.append(nxt)
-                if i + 1 < max_new_tokens:
-                    logits, past = decoding.step(model, torch.tensor([[nxt]], device=device), past)
+            pick = decoding.top_k_sampler(top_k, gen)
+            new = decoding.generate(model, ids, max_new_tokens, pick, eos)[0].tolist()
             out.append(prompt + tok.decode(new, skip_special_tokens=True))
     finally:
         model.train(was_training)
