@@ -53,8 +53,9 @@ _FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
 class EditConfig:
     """How an edit is computed and when it is refused.
 
-    Algorithm (DESIGN §1): ``mode`` chooses the keys (``consistent``: prefixed mean key everywhere;
-    ``original``: the published code's mixed keys; ``prompt``: the unprefixed key everywhere;
+    Algorithm (docs/architecture.md, "The algorithm"): ``mode`` chooses the keys (``consistent``:
+    prefixed mean key everywhere; ``original``: the published code's mixed keys; ``prompt``: the
+    unprefixed key everywhere;
     ``dual``: exact at both the prefixed mean key and the unprefixed key, see :mod:`fastrome.update`).
     ``template_lengths`` lists (tokens, count) pairs of generated context prefixes. ``v_fast``
     lets the value optimisation run only the layers above the edited one on the tokens from the
@@ -67,7 +68,7 @@ class EditConfig:
     per layer; the layers' updates, and with them their damage to unrelated text, are about
     ``spread`` times smaller. ``None`` (the default) is :data:`DEFAULT_SPREAD` layers, see
     :meth:`EditConfig.spread_at`.
-    Guards (DESIGN §2): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
+    Guards (docs/architecture.md, "Guards"): an edit is refused when ``uᵀk <= min_denom_rel·‖u‖·‖k‖``, when anything is
     non-finite, or when ``‖ΔW‖_F/‖W‖_F`` exceeds ``max_update_ratio`` (or the running sum of those
     ratios at the layer exceeds ``max_total_update_ratio``); ``policy`` says what a refusal does.
     """

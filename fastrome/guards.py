@@ -1,4 +1,4 @@
-"""The numerical guards of an edit (DESIGN §2), decided before anything is written.
+"""The numerical guards of an edit (docs/architecture.md), decided before anything is written.
 
 An edit is refused when any of ``k, u, δ, Λ`` is non-finite, when its denominator ``uᵀk`` is not
 above ``min_denom_rel·‖u‖·‖k‖`` (consistent keys make it ``kᵀC⁻¹k > 0``; mixed keys can make it
