@@ -304,7 +304,11 @@ class Editor:
     def _note_projector(self, layer: int, C: Tensor) -> None:
         """With null-space projection on, its projector from ``C`` (kept until the solver is wrapped)."""
         if self.config.null_space > 0:
-            self._projectors[layer] = null_space_projector(C, self.config.null_space)
+            try:
+                self._projectors[layer] = null_space_projector(C, self.config.null_space)
+            except ValueError as exc:
+                why = str(exc).removeprefix("threshold: ")
+                raise ValueError(f"config.null_space at layer {layer}: {why}") from None
 
     def _solver_from(self, layer: int, spec: Any) -> Tuple[CovarianceSolver, str]:
         d, device = self.adapter.d_in, self.adapter.device(layer)

@@ -26,7 +26,15 @@ def null_space_projector(C: Tensor, threshold: float) -> Tuple[Tensor, int]:
         raise ValueError(f"threshold: expected a finite number > 0, got {threshold!r}")
     C64 = C.detach().to(torch.float64)
     values, vectors = torch.linalg.eigh(0.5 * (C64 + C64.T))
-    keep = values <= threshold * float(values.mean())
+    mean = float(values.mean())
+    keep = values <= threshold * mean
+    if not bool(keep.any()):
+        # no direction to write in: every edit would have uᵀk = 0 and be refused, after its value
+        # optimisation; say so once, before any of that work
+        raise ValueError(
+            f"threshold: {threshold:g} keeps none of the {values.numel()} eigenvectors of C, whose smallest "
+            f"eigenvalue is {float(values[0]) / mean:.3g} of the mean; a threshold above that keeps some"
+        )
     basis = vectors[:, keep]
     P = basis @ basis.T
     return 0.5 * (P + P.T), int(keep.sum())

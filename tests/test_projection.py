@@ -24,7 +24,7 @@ def spectrum_matrix(d, seed):
     return (q * values) @ q.T, q, values
 
 
-@pytest.mark.parametrize("d, threshold", [(7, 0.5), (97, 0.1), (97, 1.0), (64, 1e-6)])
+@pytest.mark.parametrize("d, threshold", [(7, 0.5), (97, 0.1), (97, 1.0), (64, 1e-3)])
 def test_the_projector_keeps_the_low_energy_eigenvectors(d, threshold):
     C, q, values = spectrum_matrix(d, d)
     P, rank = null_space_projector(C.float(), threshold)
@@ -40,6 +40,14 @@ def test_bad_thresholds_are_refused():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="threshold"):
             null_space_projector(C, bad)
+
+
+def test_a_threshold_that_keeps_no_direction_is_refused():
+    C, _, values = spectrum_matrix(64, 3)
+    low = float(values[0] / values.mean())
+    with pytest.raises(ValueError, match=rf"keeps none of the 64 eigenvectors.*smallest eigenvalue is {low:.3g} of"):
+        null_space_projector(C, 0.5 * low)
+    assert null_space_projector(C, 1.01 * low)[1] == 1
 
 
 def editor(model, tok, stats, **kw):
@@ -75,4 +83,15 @@ def test_projection_needs_the_statistics_matrix(make_tiny):
         with pytest.raises(ValueError, match="config.null_space: the projection needs the statistics matrix C of "
                                              "layer 1"):
             ed.edit(REQ)
+    assert torch.equal(ModelAdapter(model).weight(1), before)
+
+
+def test_editor_refuses_a_projection_that_keeps_nothing_before_any_work(make_tiny):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    d = ModelAdapter(model).d_in
+    C = torch.eye(d) + 0.01 * torch.ones(d, d) / d  # a flat spectrum: no eigenvalue far below the mean
+    before = ModelAdapter(model).weight(1).detach().clone()
+    ed = editor(model, tok, {layer: C for layer in range(3)}, null_space=0.1)
+    with pytest.raises(ValueError, match=r"config.null_space at layer 1: 0.1 keeps none of the"):
+        ed.edit(REQ)
     assert torch.equal(ModelAdapter(model).weight(1), before)
