@@ -226,9 +226,11 @@ class Editor:
                     batch_tokens=cfg.stats_batch_tokens, packing=cfg.stats_packing, cache_root=self.cache_root,
                     progress=self.progress,
                 )
-            for layer, sm in found.items():
-                self._solvers[layer] = self._solver_from_moment(layer, sm)
+            for layer in sorted(found):
+                sm = found.pop(layer)  # each layer's sum is freed once its solver is built
                 self._stats_source[layer] = sm.describe()
+                self._solvers[layer] = self._solver_from_moment(layer, sm, consume=True)
+                del sm
         try:
             self._wrap_solvers(missing)
         except BaseException:
@@ -297,9 +299,12 @@ class Editor:
                 for layer, weight in edited.items():
                     self.adapter.weight(layer).copy_(weight)
 
-    def _solver_from_moment(self, layer: int, sm: SecondMoment) -> CovarianceSolver:
+    def _solver_from_moment(self, layer: int, sm: SecondMoment, consume: bool = False) -> CovarianceSolver:
+        """``consume``: ``sm`` is this editor's own (computed or read here), so its sum may become the
+        solver's scratch."""
         self._note_projector(layer, sm.matrix)
-        return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer))
+        return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer),
+                         consume=consume)
 
     def _note_projector(self, layer: int, C: Tensor) -> None:
         """With null-space projection on, its projector from ``C`` (kept until the solver is wrapped)."""
@@ -332,11 +337,12 @@ class Editor:
         if isinstance(spec, (str, os.PathLike)) and statistics_file_kind(spec) == "rome-npz":
             sm = load_rome_npz(spec, layer=layer)
             sm.check(layer=layer, dim=d, model_fingerprint=None, source=str(spec))
-            return self._solver_from_moment(layer, sm.to_device(device)), f"{sm.describe()} ({spec}, unverified model)"
+            return (self._solver_from_moment(layer, sm.to_device(device), consume=True),
+                    f"{sm.describe()} ({spec}, unverified model)")
         if isinstance(spec, (str, os.PathLike)):
             sm = SecondMoment.load(spec)
             sm.check(layer=layer, dim=d, model_fingerprint=layer_fingerprint(self.adapter, layer), source=str(spec))
-            return self._solver_from_moment(layer, sm.to_device(device)), f"{sm.describe()} ({spec})"
+            return self._solver_from_moment(layer, sm.to_device(device), consume=True), f"{sm.describe()} ({spec})"
         if isinstance(spec, SecondMoment):
             spec.check(layer=layer, dim=d, model_fingerprint=layer_fingerprint(self.adapter, layer))
             return self._solver_from_moment(layer, spec.to_device(device)), spec.describe()

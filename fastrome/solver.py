@@ -161,6 +161,8 @@ class CovarianceSolver:
         device: where the inverse lives (default: C's device).
         precision: dtype of the cached inverse, ``"float64"`` (default) or ``"float32"``.
         source: where C came from (a file, a layer), named in errors and warnings.
+        overwrite_c: C is not needed afterwards: when it is already fp64 on ``device``, it is the
+            factorisation's scratch (its content is lost), one d×d buffer less at the peak.
 
     Attributes:
         inverse: (d, d) symmetric ``(C + ridge·I)⁻¹`` in ``precision``.
@@ -178,6 +180,7 @@ class CovarianceSolver:
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "float64",
         source: Optional[str] = None,
+        overwrite_c: bool = False,
     ):
         where = f"statistics {source}: " if source else ""
         if not isinstance(C, Tensor) or C.dim() != 2 or C.shape[0] != C.shape[1] or not C.is_floating_point():
@@ -189,7 +192,7 @@ class CovarianceSolver:
         # diagonal in place (no identity is formed) and the inverse overwrites the factor
         # (benches/solver_memory.py measures it).
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
-        if C64.data_ptr() == C.data_ptr():  # already fp64 where it should be: never alter the caller's C
+        if C64.data_ptr() == C.data_ptr() and not overwrite_c:  # never alter the caller's C unless allowed
             C64 = C64.clone()
         _check_finite(C64, where)  # before any ridge arithmetic: a NaN scale makes a NaN ridge
         _symmetrise_(C64)  # exact symmetry, whatever rounding the accumulation left

@@ -169,13 +169,23 @@ class SecondMoment:
         *,
         device: Optional[Union[str, torch.device]] = None,
         precision: str = "float64",
+        consume: bool = False,
     ) -> CovarianceSolver:
         """A :class:`~fastrome.solver.CovarianceSolver` of ``C`` (:attr:`matrix`, (d, d)) with a ridge
-        of ``relative_ridge`` · mean |diag C|; its errors name these statistics' file (or layer)."""
+        of ``relative_ridge`` · mean |diag C|; its errors name these statistics' file (or layer).
+
+        ``consume``: these statistics are not needed afterwards; ``C`` is formed in the sum's own
+        buffer and is the factorisation's scratch, so the solve adds one d×d buffer, not three, and
+        this object holds no sum afterwards. The solver is the same, bit for bit."""
         corpus = self.meta.get("corpus", "?")
         where = repr(self.source) if self.source else f"of layer {self.layer} ({self.count:,} tokens of {corpus})"
-        return CovarianceSolver(self.matrix, relative_ridge=relative_ridge, device=device, precision=precision,
-                                source=where)
+        if consume:
+            C = self.matrix if self.count <= 0 else self.sum.div_(self.count)  # the same rounding as sum / count
+            self.sum = self.sum.new_empty((0, 0))
+        else:
+            C = self.matrix  # a new tensor: the solver may use it as scratch
+        return CovarianceSolver(C, relative_ridge=relative_ridge, device=device, precision=precision,
+                                source=where, overwrite_c=True)
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write a safetensors file: the sum, and metadata with a content digest of it all."""

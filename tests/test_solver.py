@@ -56,3 +56,26 @@ def test_non_finite_entries_are_counted_block_by_block(d):
     C[0, 1], C[d - 1, d - 2], C[d // 2, 0] = float("nan"), float("inf"), float("-inf")
     with pytest.raises(ValueError, match=r"has 3 non-finite entries"):
         _check_finite(C, "")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_statistics_consumed_by_their_solver_give_the_same_inverse(dtype):
+    from fastrome.stats import SecondMoment
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 131, generator=g, dtype=torch.float64).to(dtype)
+    kept = SecondMoment(layer=2, sum=X.t() @ X, count=400)
+    owned = SecondMoment(layer=2, sum=kept.sum.clone(), count=400)
+    sum_before = kept.sum.clone()
+    a = kept.solver(1e-6)
+    b = owned.solver(1e-6, consume=True)
+    assert torch.equal(a.inverse, b.inverse) and a.ridge == b.ridge and a.condition == b.condition
+    assert torch.equal(kept.sum, sum_before)  # not consumed: the statistics are as they were
+    assert owned.sum.numel() == 0  # consumed: nothing is left to be used by mistake
+
+
+def test_overwrite_c_gives_the_same_solver():
+    C = _moment(97, torch.float64, seed=9)
+    a = CovarianceSolver(C.clone(), relative_ridge=1e-6)
+    b = CovarianceSolver(C.clone(), relative_ridge=1e-6, overwrite_c=True)
+    assert torch.equal(a.inverse, b.inverse) and a.condition == b.condition
