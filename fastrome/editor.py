@@ -179,6 +179,23 @@ class Editor:
             self.journal.note_templates(self._templates)
         return self._templates
 
+    def use_templates(self, templates: Sequence[str]) -> None:
+        """Edit with these context templates instead of ones sampled from the model.
+
+        Args:
+            templates: strings with one ``{}`` slot each for the prompt (``"{}"`` alone is the bare
+                prompt). Refused while the journal holds edits made with other templates.
+        """
+        items = None if isinstance(templates, str) else list(templates)
+        if not items or any(not isinstance(t, str) or t.count("{}") != 1 for t in items):
+            raise ValueError(f"templates: expected a non-empty sequence of strings with one '{{}}' slot each, "
+                             f"got {templates!r}")
+        if len(self.journal) and self.journal.templates is not None and list(self.journal.templates) != items:
+            raise ValueError(f"templates: the journal holds {len(self.journal)} edits made with other templates "
+                             f"({len(self.journal.templates)} of them); undo them or use a new journal first")
+        self._templates = items
+        self.journal.note_templates(items)
+
     def solver(self, layer: Optional[int] = None) -> CovarianceSolver:
         """The solver of ``layer`` (built from the statistics on first use)."""
         layer = self.layer if layer is None else self.adapter.check_layer(layer)

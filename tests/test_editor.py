@@ -271,3 +271,22 @@ def test_edit_function_and_report_formats(make_tiny):
     assert "The Eiffel Tower" in text and "seconds by phase" in text
     with pytest.raises(ValueError, match="tokenizer"):
         fastrome.edit(model, [REQ])
+
+
+def test_use_templates_sets_them_and_is_refused_against_a_journal_made_with_others(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel")
+    C = second_moment(model, tok, 1)
+    ed = Editor(model, tok, stats={1: C}, layer=1, cache_dir=False, journal=tmp_path / "j", **UNCAPPED)
+    for bad in ("{}", [], ["no slot"], ["{} and {}"], [3]):
+        with pytest.raises(ValueError, match="templates: expected a non-empty sequence"):
+            ed.use_templates(bad)
+    ed.use_templates(["{}", "It rained. {}"])
+    assert ed.templates() == ["{}", "It rained. {}"]
+    ed.edit(REQ)
+    ed.use_templates(("{}", "It rained. {}"))  # the same ones: fine
+    with pytest.raises(ValueError, match="the journal holds 1 edits made with other templates"):
+        ed.use_templates(["{}"])
+    ed.close()
+    from fastrome import Journal
+
+    assert Journal.read(tmp_path / "j").templates == ["{}", "It rained. {}"]  # a resumed run edits with them

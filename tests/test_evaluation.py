@@ -379,12 +379,12 @@ def test_one_edit_per_case_restores_the_model_between_cases(make_tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ed = Editor(model, tok, **kw)
-        ed._templates = ["{}", "It rained. {}"]
+        ed.use_templates(["{}", "It rained. {}"])
         rows = evaluate_edits(ed, cases, prefixes=["So it goes."])
         # the third case evaluated alone on a fresh copy: the same figures, so nothing leaked
         fresh, _ = make_tiny("llama-bytelevel")
         alone_ed = Editor(fresh, tok, **kw)
-        alone_ed._templates = ["{}", "It rained. {}"]
+        alone_ed.use_templates(["{}", "It rained. {}"])
         alone = evaluate_edits(alone_ed, cases[2:], prefixes=["So it goes."])
     for name, t in model.state_dict().items():
         assert torch.equal(t, before[name]), name

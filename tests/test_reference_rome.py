@@ -29,7 +29,7 @@ def test_reference_and_editor_make_the_same_edits(make_tiny, mode, kind):
     C = compute(ModelAdapter(model_a), tok, [layer], tokens=3000, max_len=96, progress=False)[layer].matrix
     results = reference_edits(model_a, tok, REQS, layer, C, TEMPLATES, mode, EditConfig(**SETTINGS))
     ed = Editor(model_b, tok, stats={layer: C}, layer=layer, mode=mode, cache_dir=False, **SETTINGS)
-    ed._templates = list(TEMPLATES)
+    ed.use_templates(TEMPLATES)
     report = ed.edit(REQS)
     for res, rec in zip(results, report.records):
         assert rec.applied and res.steps == rec.steps
