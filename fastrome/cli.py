@@ -826,6 +826,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "FASTROME_DEBUG"  # =1: unexpected errors propagate with their traceback
+
+
 def _report_error(prog: str, message: str) -> None:
     sys.stderr.write(f"{prog}: error: {_one_line(message)}\n")
     sys.stderr.flush()
@@ -859,7 +862,9 @@ def _show_log() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command in ``argv``; returns its exit status. Bad input, whether found on the
     command line or by the library while the command runs (a ``ValueError``), is printed as one
-    line and raises :class:`UsageError` (status 2), as argparse does for the flags it checks."""
+    line and raises :class:`UsageError` (status 2), as argparse does for the flags it checks. Any
+    other error is printed as one line too and the status is 1; ``FASTROME_DEBUG=1`` lets it
+    propagate with its traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"{parser.prog} {args.command}"
@@ -875,6 +880,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         _report_error(prog, str(exc))
         raise UsageError(str(exc)) from exc
+    except Exception as exc:  # anything else (a file that cannot be written, a bug): one line, status 1
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        _report_error(prog, f"{type(exc).__name__}: {exc} ({DEBUG_ENV}=1 shows where it happened)")
+        return 1
 
 
 if __name__ == "__main__":

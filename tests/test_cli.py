@@ -300,7 +300,7 @@ def test_layer_above_the_default_model_is_refused_before_loading(capsys, no_load
     assert no_loading == []
 
 
-def test_value_errors_are_one_line_other_errors_are_not_hidden(capsys, monkeypatch):
+def test_value_errors_are_usage_errors_other_errors_one_line_with_status_1(capsys, monkeypatch):
     import fastrome.cli
 
     def bad_input():
@@ -314,6 +314,12 @@ def test_value_errors_are_one_line_other_errors_are_not_hidden(capsys, monkeypat
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(fastrome.cli, "info", bug)
+    monkeypatch.delenv("FASTROME_DEBUG", raising=False)
+    capsys.readouterr()
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["fastrome info: error: RuntimeError: a bug (FASTROME_DEBUG=1 shows where it happened)"]
+    monkeypatch.setenv("FASTROME_DEBUG", "1")  # the traceback, for whoever debugs it
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info"])
 
