@@ -14,6 +14,9 @@ WORK=${FASTROME_WHEEL_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 echo "[wheel] building in $WORK"
 rm -rf "$WORK/dist"
+# pip builds in the source tree, and the wheel takes everything under build/lib: an extension left
+# there by an earlier build (a CUDA one, another torch) would ship in this wheel
+rm -rf "$ROOT/build"
 FASTROME_REQUIRE_EXT=1 "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" . >"$WORK/build.log" 2>&1 \
   || { grep -m 20 -E "error|Error" "$WORK/build.log"; tail -30 "$WORK/build.log"; exit 1; }
 WHEEL=$(ls "$WORK"/dist/fastrome-*.whl)
