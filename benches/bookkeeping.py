@@ -5,7 +5,8 @@
 For each size N, a journal of N synthetic one-layer edits (random factors and keys at SmolLM2-135M's
 down-projection shape, 576 × 1,536, with the edit memory on) is written to a temporary folder, then
 timed: recording one more edit (journal append + memory update), ``journal.next_id`` and
-``journal.edit_count``, undo of the last edit (median of several), and resuming the journal into a
+``journal.edit_count``, undo of the last edit (median over four positions in the edit memory's
+snapshot cycle), and resuming the journal into a
 new editor (replay of every write and the memory rebuilt), reported per edit. Ratios are against
 the smallest N in the same run. No model forward runs: this is the bookkeeping alone.
 """
@@ -62,6 +63,7 @@ def measure(n: int, stats, repeats: int) -> dict:
     from fastrome import Editor
     from fastrome.config import make_config
     from fastrome.journal import JournalEntry
+    from fastrome.memory import SNAPSHOT_EVERY
 
     overrides = dict(layer=LAYER, spread=1, mode="consistent", memory_beta=0.02, mpes_checks=0)
     settings = make_config(**overrides).lifelong_settings()
@@ -80,20 +82,34 @@ def measure(n: int, stats, repeats: int) -> dict:
             resume = time.perf_counter() - t0
         g = torch.Generator().manual_seed(1)
         appends, undos, ids = [], [], []
-        for _ in range(repeats):
+
+        def record() -> float:
             t0 = time.perf_counter()
             ed.journal.append(JournalEntry(ed.journal.next_id, LAYER, torch.randn(D_IN, generator=g) / D_IN,
                                            torch.randn(D_OUT, generator=g) * 1e-3, {"case_id": "x"},
                                            {"update_ratio": 1e-4, "settings": settings},
                                            key=torch.randn(D_IN, generator=g)))
             ed.solver(LAYER).add(ed.journal.entries[-1].key)
-            appends.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ids.append((ed.journal.next_id, ed.journal.edit_count))
-            ids_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ed.undo_last()
-            undos.append(time.perf_counter() - t0)
+            return time.perf_counter() - t0
+
+        # Undo restarts the memory from its copy of A⁻¹ kept every SNAPSHOT_EVERY keys and replays the
+        # keys since: its cost depends on where the count falls in that cycle (4 keys past a copy at
+        # 100 edits, 16 at 10,000), not on the count. So every size is timed at the same spread of
+        # positions in the cycle, a quarter cycle apart.
+        step = SNAPSHOT_EVERY // 4
+        for _ in range((-len(ed.journal.entries)) % SNAPSHOT_EVERY):  # to the start of a cycle
+            record()
+        for position in range(4):
+            for _ in range(step if position else 0):
+                record()
+            for _ in range(repeats):
+                appends.append(record())
+                t0 = time.perf_counter()
+                ids.append((ed.journal.next_id, ed.journal.edit_count))
+                ids_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                ed.undo_last()
+                undos.append(time.perf_counter() - t0)
         ed.close()
     return {"edits": n, "write_journal_s": written, "resume_s": resume, "resume_per_edit_ms": 1e3 * resume / n,
             "record_edit_ms": 1e3 * statistics.median(appends), "undo_last_ms": 1e3 * statistics.median(undos),
