@@ -31,14 +31,20 @@ VPY="$WORK/venv/bin/python"
 printf 'torch==%s\ntransformers==%s\n' "$TORCH_FLOOR" "$TRANSFORMERS_FLOOR" >"$WORK/floors.txt"
 "$VPY" -m pip install -q -c "$WORK/floors.txt" torch transformers "setuptools>=77" wheel ninja
 # a regular (not editable) install: the tests below import the installed package, not the checkout,
-# so this build of the extension never replaces the checkout's own
+# so this build of the extension never replaces the checkout's own. pip builds in the source tree and
+# setuptools skips an extension whose file in build/lib is newer than its sources: one built there
+# against another torch (by the wheel smoke test) would be installed as it is, so build/ goes first.
+rm -rf "$ROOT/build"
 FASTROME_BUILD_CUDA=0 "$VPY" -m pip install -q -c "$WORK/floors.txt" --no-build-isolation "$ROOT[test]"
+cd "$WORK"  # out of the checkout, so that the installed package is the one imported
 "$VPY" - <<'PYEOF'
 import torch, transformers, fastrome
-from fastrome import ops
+from fastrome import _extension
 print(f"[floors] torch {torch.__version__}, transformers {transformers.__version__}, fastrome from {fastrome.__file__}")
+if _extension.load_error() is not None:  # the C++ kernels must build against the floor torch, not only import
+    raise SystemExit(f"[floors] the C++ extension does not load: {_extension.load_error()}")
+print(f"[floors] C++ extension built against torch {_extension.build_info()['torch_version']}")
 PYEOF
 args=()
 for t in $TESTS; do args+=("$ROOT/$t"); done
-cd "$WORK"
 "$VPY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "${args[@]}"
