@@ -319,7 +319,8 @@ class Editor:
     def _solver_from_moment(self, layer: int, sm: SecondMoment, consume: bool = False) -> CovarianceSolver:
         """``consume``: ``sm`` is this editor's own (computed or read here), so its sum may become the
         solver's scratch."""
-        self._note_projector(layer, sm.matrix)
+        if self.config.null_space > 0:  # C = sum / count is a d×d tensor of its own: only when needed
+            self._note_projector(layer, sm.matrix)
         return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer),
                          consume=consume)
 

@@ -219,5 +219,4 @@ def greedy_complete(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([encode(tokenizer, prompt)], device=device)
     new = decoding.generate(model, ids, max_new_tokens, decoding.greedy, getattr(tokenizer, "eos_token_id", None))
-    new = new[0].tolist()
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return tokenizer.decode(new[0].tolist(), skip_special_tokens=True)

@@ -179,11 +179,11 @@ class SecondMoment:
         this object holds no sum afterwards. The solver is the same, bit for bit."""
         corpus = self.meta.get("corpus", "?")
         where = repr(self.source) if self.source else f"of layer {self.layer} ({self.count:,} tokens of {corpus})"
-        if consume:
-            C = self.matrix if self.count <= 0 else self.sum.div_(self.count)  # the same rounding as sum / count
+        if consume and self.count > 0:
+            C = self.sum.div_(self.count)  # in place, the same rounding as sum / count
             self.sum = self.sum.new_empty((0, 0))
         else:
-            C = self.matrix  # a new tensor: the solver may use it as scratch
+            C = self.matrix  # a new tensor (or the "no tokens" error): the solver may use it as scratch
         return CovarianceSolver(C, relative_ridge=relative_ridge, device=device, precision=precision,
                                 source=where, overwrite_c=True)
 
