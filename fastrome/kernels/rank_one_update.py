@@ -61,6 +61,18 @@ def _finite(x):
 
 
 @triton.jit
+def count_nonfinite(ptr, n, stride, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """How many of the ``n`` strided elements at ``ptr`` are not finite once converted to COMPUTE."""
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < n
+        v = convert(tl.load(ptr + offs.to(tl.int64) * stride, mask=inside, other=0.0), COMPUTE)
+        bad += (inside & ~_finite(v)).to(tl.int32)
+    return tl.sum(bad, axis=0)
+
+
+@triton.jit
 def _guard_kernel(
     flag_ptr,  # uint8 view of the returned 0-dim bool
     u_ptr,
@@ -77,18 +89,9 @@ def _guard_kernel(
     denom = convert(tl.load(denom_ptr), tl.float64)
     floor = convert(tl.load(min_denom_ptr), tl.float64)
     ok = _finite(denom) & (denom > floor)  # a NaN floor compares false: refused
-    bad = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, n_u, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < n_u
-        v = convert(tl.load(u_ptr + offs.to(tl.int64) * stride_u, mask=inside, other=0.0), COMPUTE)
-        bad += (inside & ~_finite(v)).to(tl.int32)
-    for start in range(0, n_lam, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < n_lam
-        v = convert(tl.load(lam_ptr + offs.to(tl.int64) * stride_lam, mask=inside, other=0.0), COMPUTE)
-        bad += (inside & ~_finite(v)).to(tl.int32)
-    tl.store(flag_ptr, (ok & (tl.sum(bad, axis=0) == 0)).to(tl.uint8))
+    bad = count_nonfinite(u_ptr, n_u, stride_u, COMPUTE, BLOCK)
+    bad += count_nonfinite(lam_ptr, n_lam, stride_lam, COMPUTE, BLOCK)
+    tl.store(flag_ptr, (ok & (bad == 0)).to(tl.uint8))
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrome.kernels.rank_one_update import _finite, convert
+from fastrome.kernels.rank_one_update import _finite, convert, count_nonfinite
 
 
 @triton.jit
@@ -49,13 +49,7 @@ def _guard_kernel(
     floor = convert(tl.load(min_denom_ptr), tl.float64)
     # A NaN anywhere compares false: refused. coef is checked in the dtype it is used in.
     ok = _finite(bd) & (s > floor) & _finite(coef.to(COMPUTE))
-    bad = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < n
-        v = convert(tl.load(u_ptr + offs.to(tl.int64) * stride_u, mask=inside, other=0.0), COMPUTE)
-        bad += (inside & ~_finite(v)).to(tl.int32)
-    tl.store(flag_ptr, (ok & (tl.sum(bad, axis=0) == 0)).to(tl.uint8))
+    tl.store(flag_ptr, (ok & (count_nonfinite(u_ptr, n, stride_u, COMPUTE, BLOCK) == 0)).to(tl.uint8))
 
 
 @triton.jit
