@@ -12,12 +12,13 @@ ordinary keys, which is what accumulates over a sequential run), ‖ΔW‖/‖W�
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 from pathlib import Path
+
+import config_sweep
 
 DATA = Path(os.environ.get("FASTROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -34,18 +35,10 @@ def recording(edit, records: list):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="+", help="JSON objects of EditConfig fields ('{}' for the defaults)")
-    ap.add_argument("--cases", type=int, default=12, help="CounterFact dev records, from the first")
-    ap.add_argument("--stats-tokens", type=int, default=1_000_000)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON file for the results")
-    args = ap.parse_args(argv)
-
+    args = config_sweep.parse_args(
+        __doc__, argv, lambda ap: ap.add_argument("--stats-tokens", type=int, default=1_000_000))
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from fastrome import Editor
     from fastrome.evaluation.counterfact import load_counterfact
     from fastrome.evaluation.single import evaluate_edits

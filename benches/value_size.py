@@ -13,29 +13,21 @@ the optimisation steps, how many requests stopped with the target on top, and se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
+import config_sweep
+
 DATA = Path(os.environ.get("FASTROME_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="+", help="JSON objects of EditConfig fields ('{}' for the defaults)")
-    ap.add_argument("--cases", type=int, default=12, help="CounterFact dev records, from the first")
-    ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON file for the results")
-    args = ap.parse_args(argv)
-
+    args = config_sweep.parse_args(__doc__, argv, lambda ap: ap.add_argument("--layer", type=int, default=6))
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import fastrome
     from fastrome.adapter import ModelAdapter
     from fastrome.config import make_config
