@@ -116,7 +116,7 @@ def _check_stats(stats: Optional[str], corpus: Optional[str]) -> None:
     """``--stats`` names statistics that exist and ``--corpus`` text that exists (a typo would
     otherwise surface only when the statistics are first needed, after the model has loaded and
     completions have run)."""
-    from fastrome.stats_source import check_sources
+    from fastrome.stats.source import check_sources
 
     try:
         check_sources(stats, corpus)
@@ -584,7 +584,7 @@ def _check_stats_flags(args: argparse.Namespace) -> None:
 
 def _open_corpus(args: argparse.Namespace):
     from fastrome.corpus import open_corpus
-    from fastrome.stats_source import corpus_source
+    from fastrome.stats.source import corpus_source
 
     try:
         return open_corpus(corpus_source(args.corpus), seed=args.seed, text_field=args.text_field)

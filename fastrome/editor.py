@@ -24,7 +24,6 @@ from fastrome.cache import cache_dir as resolve_cache_dir
 from fastrome.config import EditConfig, make_config, settings_made_with
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
-from fastrome.interop import load_rome_npz
 from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, weight_digest
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
@@ -36,7 +35,8 @@ from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
 from fastrome.stats import SecondMoment, layer_fingerprint, load_or_compute
-from fastrome.stats_source import CorpusLike, StatsLike, check_sources, corpus_source, is_identity, statistics_file_kind
+from fastrome.stats.npz import load_rome_npz
+from fastrome.stats.source import CorpusLike, StatsLike, check_sources, corpus_source, is_identity, statistics_file_kind
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
 from fastrome.values import ValueResult, check_request, frozen, optimize_values

@@ -19,7 +19,7 @@ def test_statistics_pass_is_logged_not_warned(make_tiny, tmp_path, caplog):
         load_or_compute(ModelAdapter(model), tok, [1, 2], corpus=open_corpus(corpus), tokens=300, max_len=32,
                         cache_root=tmp_path, progress=False)
     (rec,) = [r for r in caplog.records if r.getMessage().startswith("statistics of layers")]
-    assert rec.name == "fastrome.stats" and rec.levelno == logging.INFO
+    assert rec.name == "fastrome.stats.collect" and rec.levelno == logging.INFO
     assert rec.getMessage().startswith("statistics of layers [1, 2]: 300 tokens of ")
 
 

@@ -103,12 +103,12 @@ def test_cache_key_and_reuse(make_tiny, small_corpus, tmp_path, monkeypatch):
     files = sorted((tmp_path / "stats").glob("*.safetensors"))
     assert len(files) == 2
 
-    import fastrome.stats as stats_mod
+    import fastrome.stats.cache as stats_cache
 
     def no_compute(*a, **k):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(stats_mod, "compute", no_compute)
+    monkeypatch.setattr(stats_cache, "compute", no_compute)
     again = load_or_compute(adapter, tok, [1, 2], **kw)
     for layer in (1, 2):
         assert torch.equal(again[layer].sum, first[layer].sum)

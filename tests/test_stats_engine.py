@@ -21,8 +21,9 @@ from fastrome import Editor
 from fastrome.adapter import ModelAdapter
 from fastrome.cli import main, parse_layers
 from fastrome.corpus import Corpus, open_corpus
-from fastrome.interop import layer_from_name, load_rome_npz
-from fastrome.stats import _batches, _sequences, compute, load_or_compute, run_key
+from fastrome.stats import compute, load_or_compute
+from fastrome.stats.collect import length_batches, run_key, token_sequences
+from fastrome.stats.npz import layer_from_name, load_rome_npz
 from fastrome.tokens import encode
 
 
@@ -67,7 +68,7 @@ def keys_reference(model, layers, sequences):
 def test_sequences_hit_the_budget_exactly_and_packing_keeps_every_token(bytelevel_tokenizer, corpus_file, packing):
     tok = bytelevel_tokenizer
     corpus = open_corpus(corpus_file, seed=1)
-    seqs = list(_sequences(corpus, tok, 613, 29, packing))
+    seqs = list(token_sequences(corpus, tok, 613, 29, packing))
     assert sum(map(len, seqs)) == 613
     assert all(2 <= len(s) <= 29 for s in seqs)
     docs = [encode(tok, d) for d in corpus.documents()]
@@ -77,12 +78,12 @@ def test_sequences_hit_the_budget_exactly_and_packing_keeps_every_token(byteleve
         assert all(len(s) == 29 for s in seqs[:-1])
     else:
         assert seqs[0] == docs[0][:29]
-    in_order = list(_batches(iter(seqs), 100, sort_window=1))
+    in_order = list(length_batches(iter(seqs), 100, sort_window=1))
     assert [s for b in in_order for s in b] == seqs
-    for batches in (in_order, list(_batches(iter(seqs), 100, sort_window=7))):
+    for batches in (in_order, list(length_batches(iter(seqs), 100, sort_window=7))):
         assert all(len(b) * max(map(len, b)) <= 100 or len(b) == 1 for b in batches)
     # sorted within windows of 7: the same sequences, each window longest first
-    flat = [s for b in list(_batches(iter(seqs), 100, sort_window=7)) for s in b]
+    flat = [s for b in list(length_batches(iter(seqs), 100, sort_window=7)) for s in b]
     for start in range(0, len(seqs), 7):
         assert flat[start:start + 7] == sorted(seqs[start:start + 7], key=len, reverse=True)
 
@@ -112,20 +113,21 @@ def tokenised(tok: WordTokenizer, corpus: Corpus) -> list:
 
 def test_one_token_of_budget_left_ends_the_truncated_pass_without_reading_on():
     tok, corpus = WordTokenizer(), word_corpus(12)
-    seqs = list(_sequences(corpus, tok, 3 * 3 + 1, 64, "truncate"))
+    seqs = list(token_sequences(corpus, tok, 3 * 3 + 1, 64, "truncate"))
     assert [len(s) for s in seqs] == [3, 3, 3]
     assert tokenised(tok, corpus) == list(corpus.documents())[:3]  # not the nine documents after them
 
 
 def test_one_token_of_budget_left_ends_the_packed_pass_and_makes_no_one_token_sequence():
     tok, corpus = WordTokenizer(), word_corpus(12)
-    seqs = list(_sequences(corpus, tok, 11, 5, "pack"))
+    seqs = list(token_sequences(corpus, tok, 11, 5, "pack"))
     assert [len(s) for s in seqs] == [5, 5]
     assert len(tokenised(tok, corpus)) == 4  # the documents the two windows took, no more
     # the corpus ending inside a window with one token of budget left: that token is no sequence
-    seqs = list(_sequences(word_corpus(4), WordTokenizer(), 11, 5, "pack"))
+    seqs = list(token_sequences(word_corpus(4), WordTokenizer(), 11, 5, "pack"))
     assert [len(s) for s in seqs] == [5, 5]
-    assert list(_sequences(corpus, tok, 1, 5, "pack")) == list(_sequences(corpus, tok, 1, 5, "truncate")) == []
+    one_token = [list(token_sequences(corpus, tok, 1, 5, packing)) for packing in ("pack", "truncate")]
+    assert one_token == [[], []]
 
 
 def test_pass_with_one_token_of_budget_left_does_not_report_the_corpus_running_out(make_tiny):
@@ -147,7 +149,7 @@ def test_packed_pass_equals_fp64_reference_of_the_same_sequences(make_tiny, corp
     corpus = open_corpus(corpus_file, seed=2)
     got = compute(ModelAdapter(model), tok, [2, 0], corpus=corpus, tokens=500, max_len=41, packing="pack",
                   batch_tokens=130, progress=False)
-    ref = keys_reference(model, [0, 2], _sequences(corpus, tok, 500, 41, "pack"))
+    ref = keys_reference(model, [0, 2], token_sequences(corpus, tok, 500, 41, "pack"))
     for layer in (0, 2):
         assert got[layer].count == 500 and got[layer].meta["packing"] == "pack"
         err = (got[layer].sum - ref[layer]).norm() / ref[layer].norm()
@@ -217,7 +219,7 @@ def test_checkpoint_of_another_pass_is_not_resumed(make_tiny, corpus_file, tmp_p
     adapter = ModelAdapter(model)
     corpus = open_corpus(corpus_file)
     ckpt = tmp_path / "partial.safetensors"
-    n_batches = len(list(_batches(_sequences(corpus, tok, 800, 48, "truncate"), 100)))
+    n_batches = len(list(length_batches(token_sequences(corpus, tok, 800, 48, "truncate"), 100)))
     assert n_batches > 4
     interrupt_after(monkeypatch, n_batches // 2 + 1)
     with pytest.raises(Interrupt):

@@ -22,7 +22,9 @@ from fastrome import CovarianceSolver, Editor, SecondMoment
 from fastrome.adapter import ModelAdapter
 from fastrome.corpus import open_corpus
 from fastrome.solver import MAX_RIDGE_ESCALATION
-from fastrome.stats import DIGEST_KEY, _load_checkpoint, _Progress, _save_checkpoint, compute, load_or_compute
+from fastrome.stats import compute, load_or_compute
+from fastrome.stats.collect import _load_checkpoint, _Progress, _save_checkpoint
+from fastrome.stats.moment import DIGEST_KEY
 
 TEXT = "\n\n".join(
     f"{i}. " + d

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastrome import Editor
-from fastrome.stats_source import check_sources
+from fastrome.stats.source import check_sources
 
 
 def test_a_text_file_given_as_statistics_points_to_corpus(tmp_path):

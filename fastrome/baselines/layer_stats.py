@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fastrome.adapter import ModelAdapter
 from fastrome.corpus import Corpus
 from fastrome.keys import StopForward, input_device
-from fastrome.stats import _batches, _sequences
+from fastrome.stats.collect import length_batches, token_sequences
 from fastrome.tokens import pad_id, right_pad
 
 
@@ -47,7 +47,7 @@ def layer_stats_reference(
     count = 0
     device = input_device(adapter)
     try:
-        for batch in _batches(_sequences(corpus, tokenizer, tokens, max_len, "truncate"), batch_tokens):
+        for batch in length_batches(token_sequences(corpus, tokenizer, tokens, max_len, "truncate"), batch_tokens):
             ids, mask = right_pad(batch, pad_id(tokenizer), device)
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import Tensor
 
 from fastrome.solver import CovarianceSolver
-from fastrome.stats import SecondMoment, is_statistics_file
+from fastrome.stats.moment import SecondMoment, is_statistics_file
 
 IDENTITY_WORDS = ("identity", "none", "off")
 BUNDLED_WORDS = ("bundled", "default")

@@ -1,251 +1,52 @@
-"""Key statistics: the uncentered second moment ``C = E[kkᵀ]`` of down-projection inputs.
+"""Collecting key statistics: one forward pass over a text corpus feeds every requested layer.
 
-One forward pass over a text corpus feeds every requested layer: hooks hand each layer's keys
-(every non-pad token) to :func:`fastrome.ops.second_moment_accumulate`, and the pass stops after
-the deepest requested layer. Documents are tokenised, capped at ``max_len`` tokens, and batched
-up to ``batch_tokens`` padded tokens; the total stops at the token budget (one token short of it
-when a single token is left, since one token is no sequence).
-
-Results are :class:`SecondMoment` objects (the fp64 sum and the token count) saved as safetensors
-with JSON metadata: model fingerprint, layer, corpus id, token budget, tokens used, max length,
-dtype, and a sha256 content digest of the whole file. The cache file name is derived from all of
-these, and a file is validated when loaded: statistics are never silently used for a different
-model, layer or corpus, nor after their bytes changed on disk.
+Hooks hand each layer's keys (every non-pad token) to :func:`fastrome.ops.second_moment_accumulate`,
+and the pass stops after the deepest requested layer. Documents are tokenised, capped at
+``max_len`` tokens, and batched up to ``batch_tokens`` padded tokens; the total stops at the token
+budget (one token short of it when a single token is left, since one token is no sequence). A
+long pass checkpoints its sums and resumes from them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from fastrome import ops
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import write_safetensors
 from fastrome.corpus import Corpus, open_corpus
-from fastrome.fingerprint import content_digest, fingerprint
 from fastrome.keys import StopForward, input_device
-from fastrome.solver import CovarianceSolver
+from fastrome.stats.moment import (
+    SecondMoment,
+    check_sum,
+    default_token_budget,
+    layer_fingerprint,
+    read_safetensors,
+    verify_digest,
+    with_digest,
+)
 from fastrome.tokens import encode, pad_id, right_pad
 
 _log = logging.getLogger(__name__)
 
-FORMAT = "fastrome.second_moment.v1"
-MIN_TOKENS = 100_000
-TOKENS_PER_DIM = 20
-# Metadata entry holding the sha256 of everything else in the file (see fingerprint.content_digest).
-DIGEST_KEY = "content_sha256"
 # Shortest sequence a pass reads: one token has no context, nothing a prompt would look like.
 MIN_SEQUENCE_TOKENS = 2
-
-
-def default_token_budget(d_in: int) -> int:
-    """Default number of tokens: at least ``20·d_in`` (a full d×d estimate needs ≥ 10·d) and 100k."""
-    return max(MIN_TOKENS, TOKENS_PER_DIM * int(d_in))
-
-
-def is_statistics_file(path: Union[str, os.PathLike]) -> bool:
-    """True when ``path`` is a safetensors file written by :meth:`SecondMoment.save`."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # unreadable or not safetensors at all
-        return False
-
-
-def layer_fingerprint(adapter: ModelAdapter, layer: int) -> str:
-    """Fingerprint of everything that determines the keys at ``layer`` (not its down projection,
-    so statistics stay valid while that layer is edited)."""
-    return fingerprint(adapter.config, adapter.layer_parameters(layer), extra=adapter.module_template)
-
-
-def check_sum(total: Tensor, where: str) -> None:
-    """Raise ``ValueError`` unless ``total`` can be a sum of ``k kᵀ``: finite, with a diagonal of
-    sums of squares (≥ 0). Catches NaN/Inf keys and damage a digest cannot, in files without one.
-
-    Args:
-        total: (d, d) float sum.
-        where: prefix of the message, naming the file or layer.
-    """
-    bad = int((~torch.isfinite(total)).sum())
-    if bad:
-        raise ValueError(f"{where}: the sum has {bad:,} non-finite entries (NaN or Inf) of {total.numel():,}")
-    negative = int((total.diagonal() < 0).sum())
-    if negative:
-        raise ValueError(
-            f"{where}: {negative:,} diagonal entries of the sum are negative, which a sum of k kᵀ never has; "
-            "the statistics are corrupted"
-        )
-
-
-def _with_digest(tensors: Dict[str, Tensor], meta: Dict[str, str]) -> Dict[str, str]:
-    """``meta`` plus the content digest of (``tensors``, ``meta``), as it is written."""
-    return {**meta, DIGEST_KEY: content_digest(tensors, meta)}
-
-
-def _verify_digest(tensors: Dict[str, Tensor], meta: Dict[str, str], where: str, *, required: bool) -> None:
-    """Check the digest in ``meta`` (removed from it) against the content read.
-
-    Raises ``ValueError`` on a mismatch, or when ``required`` and there is none; a file from before
-    digests existed otherwise loads, with a warning that it cannot be verified.
-    """
-    recorded = meta.pop(DIGEST_KEY, None)
-    if recorded is None:
-        if required:
-            raise ValueError(f"{where} has no content digest")
-        warnings.warn(
-            f"{where} has no content digest (written by an older fastrome), so damage to its numbers cannot "
-            "be detected; save it again or recompute it to add one",
-            stacklevel=3,
-        )
-        return
-    actual = content_digest(tensors, meta)
-    if actual != recorded:
-        raise ValueError(
-            f"{where} is corrupted: its contents hash to sha256 {actual[:16]}…, not the {recorded[:16]}… recorded "
-            "when it was written (the file was damaged or altered since); recompute it"
-        )
-
-
-def _read_safetensors(path: Path, where: str) -> Tuple[Dict[str, str], Dict[str, Tensor]]:
-    """(metadata, every tensor) of a safetensors file; ``ValueError`` when it cannot be read."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {}), {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ValueError(f"{where} is not a readable fastrome statistics file ({exc})") from None
-
-
-@dataclass
-class SecondMoment:
-    """Sum of ``k kᵀ`` over ``count`` keys at one layer, with where it came from.
-
-    Attributes:
-        layer: layer index.
-        sum: (d, d) float64 (or float32) symmetric sum.
-        count: number of keys (tokens) summed.
-        meta: provenance (model fingerprint, corpus id, budget, max length, dtype, ...).
-        source: the file these statistics were read from or saved to, if any (named in errors).
-    """
-
-    layer: int
-    sum: Tensor
-    count: int
-    meta: Dict[str, Any] = field(default_factory=dict)
-    source: Optional[str] = None
-
-    @property
-    def dim(self) -> int:
-        return int(self.sum.shape[0])
-
-    @property
-    def matrix(self) -> Tensor:
-        """``C = sum / count`` in the sum's dtype."""
-        if self.count <= 0:
-            raise ValueError("statistics hold no tokens")
-        return self.sum / self.count
-
-    def to_device(self, device: Union[str, torch.device]) -> "SecondMoment":
-        return SecondMoment(layer=self.layer, sum=self.sum.to(device), count=self.count, meta=dict(self.meta),
-                            source=self.source)
-
-    def describe(self) -> str:
-        corpus = self.meta.get("corpus", "?")
-        return f"layer {self.layer}: {self.count:,} tokens of {corpus}"
-
-    def solver(
-        self,
-        relative_ridge: float,
-        *,
-        device: Optional[Union[str, torch.device]] = None,
-        precision: str = "float64",
-        consume: bool = False,
-    ) -> CovarianceSolver:
-        """A :class:`~fastrome.solver.CovarianceSolver` of ``C`` (:attr:`matrix`, (d, d)) with a ridge
-        of ``relative_ridge`` · mean |diag C|; its errors name these statistics' file (or layer).
-
-        ``consume``: these statistics are not needed afterwards; ``C`` is formed in the sum's own
-        buffer and is the factorisation's scratch, so the solve adds one d×d buffer, not three, and
-        this object holds no sum afterwards. The solver is the same, bit for bit."""
-        corpus = self.meta.get("corpus", "?")
-        where = repr(self.source) if self.source else f"of layer {self.layer} ({self.count:,} tokens of {corpus})"
-        if consume and self.count > 0:
-            C = self.sum.div_(self.count)  # in place, the same rounding as sum / count
-            self.sum = self.sum.new_empty((0, 0))
-        else:
-            C = self.matrix  # a new tensor (or the "no tokens" error): the solver may use it as scratch
-        return CovarianceSolver(C, relative_ridge=relative_ridge, device=device, precision=precision,
-                                source=where, overwrite_c=True)
-
-    def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write a safetensors file: the sum, and metadata with a content digest of it all."""
-        total = self.sum.detach().contiguous().cpu()
-        meta = {k: json.dumps(v) for k, v in self.meta.items()}
-        meta.update(format=FORMAT, layer=str(self.layer), count=str(self.count))
-        written = write_safetensors(path, {"sum": total}, _with_digest({"sum": total}, meta))
-        self.source = str(written)
-        return written
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "SecondMoment":
-        """Read a file written by :meth:`save` (safetensors only, nothing is unpickled).
-
-        Raises:
-            ValueError: naming the file, when it is unreadable, of another format, has damaged
-                metadata, does not match its content digest, or holds a sum that is not square,
-                not finite or has negative diagonal entries. A file written before digests existed
-                loads, with a warning.
-        """
-        path = Path(path)
-        where = f"stats: {str(path)!r}"
-        meta, tensors = _read_safetensors(path, where)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{where} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        if "sum" not in tensors:
-            raise ValueError(f"{where} is not a readable fastrome statistics file (no 'sum' tensor)")
-        _verify_digest(tensors, meta, where, required=False)
-        total = tensors["sum"]
-        try:
-            layer, count = int(meta.pop("layer")), int(meta.pop("count"))
-            meta.pop("format")
-            info = {k: json.loads(v) for k, v in meta.items()}
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{where} has damaged metadata ({exc})") from None
-        if total.dim() != 2 or total.shape[0] != total.shape[1] or count <= 0:
-            raise ValueError(f"{where} holds a {tuple(total.shape)} sum over {count} tokens")
-        check_sum(total, where)
-        return cls(layer=layer, sum=total, count=count, meta=info, source=str(path))
-
-    def check(self, *, layer: int, dim: int, model_fingerprint: Optional[str], source: str = "stats") -> None:
-        """Raise ``ValueError`` if these statistics do not belong to (model, layer)."""
-        if self.layer != layer:
-            raise ValueError(f"{source}: statistics are for layer {self.layer}, but layer {layer} is edited")
-        if self.dim != dim:
-            raise ValueError(f"{source}: statistics have dimension {self.dim}, the layer's keys have {dim}")
-        theirs = self.meta.get("model_fingerprint")
-        if model_fingerprint is not None and theirs is not None and theirs != model_fingerprint:
-            raise ValueError(
-                f"{source}: statistics were computed for model {theirs}, not this model ({model_fingerprint}); "
-                "recompute them (fastrome stats) or load the matching model"
-            )
-
-
 PACKING = ("truncate", "pack")
 SORT_WINDOW = 256  # sequences sorted by length together before batching
 CHECKPOINT_FORMAT = "fastrome.stats_checkpoint.v1"
 
 
-def _sequences(corpus: Corpus, tokenizer: Any, budget: int, max_len: int, packing: str) -> Iterator[List[int]]:
+def token_sequences(corpus: Corpus, tokenizer: Any, budget: int, max_len: int, packing: str) -> Iterator[List[int]]:
     """The token sequences one pass reads, in a fixed order: ``budget`` tokens in total, or
     ``budget - 1`` when the one token left could only form a sequence of its own; fewer only when
     the corpus runs out. Every sequence has ``MIN_SEQUENCE_TOKENS`` to ``max_len`` tokens.
@@ -301,7 +102,7 @@ def _packed(docs: Iterator[List[int]], budget: int, max_len: int, eos: Optional[
         yield buf[:left]
 
 
-def _batches(
+def length_batches(
     sequences: Iterable[List[int]], batch_tokens: int, sort_window: int = SORT_WINDOW
 ) -> Iterator[List[List[int]]]:
     """Group sequences so a right-padded batch holds at most ``batch_tokens`` tokens (a longer
@@ -369,7 +170,7 @@ def _save_checkpoint(path: Path, key: str, accs: Dict[int, Tensor], state: _Prog
         "seen": str(state.seen),
         "seconds": repr(state.seconds),
     }
-    write_safetensors(path, tensors, _with_digest(tensors, meta))
+    write_safetensors(path, tensors, with_digest(tensors, meta))
 
 
 def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[_Progress]:
@@ -378,11 +179,11 @@ def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[
     if not path.is_file():
         return None
     try:
-        meta, tensors = _read_safetensors(path, "it")
+        meta, tensors = read_safetensors(path, "it")
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("key") != key:
             raise ValueError("it belongs to a different pass (model, layers, corpus or settings differ)")
         # required: restarting costs only time, resuming from damaged sums would corrupt the result
-        _verify_digest(tensors, meta, "it", required=True)
+        verify_digest(tensors, meta, "it", required=True)
         loaded = {}
         for layer, acc in accs.items():
             t = tensors[f"sum.{layer}"]
@@ -399,7 +200,7 @@ def _load_checkpoint(path: Path, key: str, accs: Dict[int, Tensor]) -> Optional[
     return state
 
 
-def _dist() -> Tuple[int, int, Any]:
+def dist_info() -> Tuple[int, int, Any]:
     """(rank, world size, torch.distributed or None) of the running process group."""
     import torch.distributed as dist
 
@@ -451,7 +252,7 @@ def compute(
         max_len: longest sequence in tokens, whatever the model's context size.
         dtype: running-sum dtype, float64 (default) or float32.
         batch_tokens: padded tokens per forward batch.
-        packing: ``"truncate"`` (each document its own sequence) or ``"pack"`` (see :func:`_sequences`).
+        packing: ``"truncate"`` (each document its own sequence) or ``"pack"`` (see :func:`token_sequences`).
         progress: progress bar with tokens/s and ETA (default: when stderr is a terminal; rank 0 only).
         checkpoint: file for partial sums (a ``.rankR`` suffix is added per process when distributed).
             None: no checkpoints.
@@ -489,7 +290,7 @@ def compute(
     every = int(checkpoint_every) if checkpoint_every is not None else max(1, budget // 10)
     if every < 1:
         raise ValueError(f"checkpoint_every: expected a positive number of tokens, got {checkpoint_every!r}")
-    rank, world, dist = _dist()
+    rank, world, dist = dist_info()
     dname = str(dtype).replace("torch.", "")
     key = run_key(adapter, layers, corpus.id, budget, max_len, dname, packing, batch_tokens)
     ckpt: Optional[Path] = None
@@ -534,7 +335,7 @@ def compute(
     model.eval()
     try:
         with torch.no_grad():
-            for index, batch in enumerate(_batches(_sequences(corpus, tokenizer, budget, max_len, packing),
+            for index, batch in enumerate(length_batches(token_sequences(corpus, tokenizer, budget, max_len, packing),
                                                    batch_tokens)):
                 n = sum(len(s) for s in batch)
                 sequences += len(batch)
@@ -618,135 +419,3 @@ def _stderr_is_tty() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def cache_file(
-    root: Path, model_fp: str, layer: int, corpus_id: str, tokens: int, max_len: int, dtype: str,
-    packing: str = "truncate",
-) -> Path:
-    """Cache path of one layer's statistics; every input that changes the result is in the name."""
-    fields = f"{model_fp}|{layer}|{corpus_id}|{tokens}|{max_len}|{dtype}"
-    if packing != "truncate":
-        fields += f"|{packing}"
-    key = hashlib.sha256(fields.encode()).hexdigest()[:16]
-    return Path(root) / "stats" / f"{model_fp}_L{layer}_{key}.safetensors"
-
-
-def load_or_compute(
-    adapter: ModelAdapter,
-    tokenizer: Any,
-    layers: Sequence[int],
-    *,
-    corpus: Union[Corpus, str, os.PathLike, None] = None,
-    tokens: Optional[int] = None,
-    max_len: int = 1024,
-    dtype: torch.dtype = torch.float64,
-    batch_tokens: int = 8192,
-    packing: str = "truncate",
-    cache_root: Optional[Path] = None,
-    progress: Optional[bool] = None,
-    checkpoint_every: Optional[int] = None,
-    resume: bool = True,
-) -> Dict[int, SecondMoment]:
-    """Cached statistics for ``layers``: loaded when a valid cache file exists, else computed (all
-    missing layers in one pass) and saved. A damaged or mismatching cache file is recomputed.
-
-    With a ``cache_root`` the pass checkpoints its partial sums under ``<cache_root>/stats/partial``
-    and, with ``resume``, an interrupted pass continues where it stopped. Under torch.distributed,
-    rank 0 decides what is missing and writes the files; every rank returns the statistics.
-    """
-    if not isinstance(corpus, Corpus):
-        corpus = open_corpus(corpus)
-    budget = int(tokens) if tokens is not None else default_token_budget(adapter.d_in)
-    dname = str(dtype).replace("torch.", "")
-    rank, world, dist = _dist()
-    found: Dict[int, SecondMoment] = {}
-    missing: List[int] = []
-    paths: Dict[int, Path] = {}
-    for layer in sorted(set(layers)):
-        fp = layer_fingerprint(adapter, layer)
-        if cache_root is None:
-            missing.append(layer)
-            continue
-        path = cache_file(cache_root, fp, layer, corpus.id, budget, max_len, dname, packing)
-        paths[layer] = path
-        if path.is_file():
-            try:
-                sm = SecondMoment.load(path)
-                sm.check(layer=layer, dim=adapter.d_in, model_fingerprint=fp, source=str(path))
-                if sm.meta.get("corpus") != corpus.id or sm.meta.get("tokens_requested") != budget:
-                    raise ValueError("corpus or budget differ from the file name's")
-                sm.meta["path"] = str(path)  # before the copy to the device, so the result carries it
-                found[layer] = sm.to_device(adapter.device(layer))
-                continue
-            except ValueError as exc:
-                _log.warning("ignoring cached statistics %s: %s; recomputing", path, exc)
-        missing.append(layer)
-    if dist is not None:
-        # Every rank must enter the same pass (its all-reduce would otherwise wait forever), even
-        # when the ranks do not share a file system: rank 0's view decides.
-        decision = [missing]
-        dist.broadcast_object_list(decision, src=0)
-        unreadable = sorted(set(missing) - set(decision[0]))
-        if unreadable:
-            raise RuntimeError(
-                f"rank {rank} cannot read the cached statistics of layers {unreadable} that rank 0 found; "
-                "point every rank at a shared cache directory (FASTROME_CACHE)"
-            )
-        missing = decision[0]
-        for layer in missing:
-            found.pop(layer, None)
-    if missing:
-        ckpt = None
-        if cache_root is not None:
-            key = run_key(adapter, missing, corpus.id, budget, max_len, dname, packing, batch_tokens)
-            ckpt = Path(cache_root) / "stats" / "partial" / f"{key}.safetensors"
-        computed = compute(
-            adapter, tokenizer, missing, corpus=corpus, tokens=budget, max_len=max_len, dtype=dtype,
-            batch_tokens=batch_tokens, packing=packing, progress=progress, checkpoint=ckpt,
-            checkpoint_every=checkpoint_every, resume=resume, remove_checkpoint=False,
-        )
-        for layer, sm in computed.items():
-            if layer in paths:
-                if rank == 0:
-                    sm.save(paths[layer])  # replaces a damaged or mismatching file of that name
-                sm.meta["path"] = sm.source = str(paths[layer])
-            found[layer] = sm
-        if ckpt is not None:
-            if dist is not None:
-                dist.barrier()  # the results are on disk before any rank drops its checkpoint
-            part = ckpt if world == 1 else ckpt.with_name(f"{ckpt.name}.rank{rank}of{world}")
-            part.unlink(missing_ok=True)
-    return found
-
-
-def compute_stats(
-    model: Any,
-    tokenizer: Any,
-    layers: Union[int, Sequence[int]],
-    *,
-    corpus: Union[Corpus, str, os.PathLike, None] = None,
-    tokens: Optional[int] = None,
-    max_len: int = 1024,
-    module_template: Optional[str] = None,
-    cache: Union[bool, str, os.PathLike] = True,
-    progress: Optional[bool] = None,
-) -> Dict[int, SecondMoment]:
-    """``{layer: SecondMoment}``: the key second moments of ``model``'s edited modules at ``layers``,
-    from one pass over ``corpus`` (None: the bundled Wikipedia text), pass them to ``Editor(stats=)``.
-
-    Args:
-        layers: one layer index or several.
-        tokens: token budget (default: ``default_token_budget(d_in)``).
-        module_template: the edited modules' dotted path with ``{}`` (default: found in the model).
-        cache: True for fastrome's cache folder, a folder, or False to compute without caching.
-    """
-    from fastrome.cache import cache_dir
-
-    adapter = ModelAdapter(model, module_template)
-    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else list(layers)
-    for layer in layers:
-        adapter.check_layer(layer, "layers")
-    if cache is False:
-        return compute(adapter, tokenizer, layers, corpus=corpus, tokens=tokens, max_len=max_len, progress=progress)
-    root = cache_dir(None if cache is True else cache)
-    return load_or_compute(adapter, tokenizer, layers, corpus=corpus, tokens=tokens, max_len=max_len,
-                           cache_root=root, progress=progress)

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from fastrome.stats import SecondMoment, check_sum
+from fastrome.stats.moment import SecondMoment, check_sum
 
 _LAYER_IN_NAME = re.compile(r"(?:^|[._/])(?:layers|h|layer|blocks)\.(\d+)\.")
 
