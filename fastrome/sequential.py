@@ -29,7 +29,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import median
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from fastrome.cache import write_text
 from fastrome.evaluation.counterfact import prefixed
@@ -466,6 +466,23 @@ def paraphrase_of(record: Any) -> Optional[str]:
         return listed[0]
     one = record.get("rephrase_prompt")
     return one if isinstance(one, str) and one.strip() else None
+
+
+def records_from_cases(cases: Iterable[Any]) -> List[Dict[str, Any]]:
+    """Records for :func:`run_sequential` from evaluation cases (:class:`~fastrome.evaluation.CounterFactCase`
+    or :class:`~fastrome.evaluation.ZsreCase`): each case's request as a dict, with the case's
+    first neighbourhood prompt (CounterFact) or its ``loc`` prompt (zsRE) as ``locality_prompt``,
+    the prompt whose pre-edit answer the run's specificity checks."""
+    records = []
+    for case in cases:
+        record = case.request.to_dict()
+        neighborhood = getattr(case, "neighborhood", ())
+        if neighborhood:
+            record["locality_prompt"] = neighborhood[0][0]
+        elif getattr(case, "loc", None):
+            record["locality_prompt"] = case.loc
+        records.append(record)
+    return records
 
 
 def _entry(index: int, cid: Any, rec: EditRecord) -> Dict[str, Any]:

@@ -1,0 +1,3 @@
+from fastrome.cli import main
+
+raise SystemExit(main())
