@@ -21,54 +21,33 @@ from fastrome.cli.common import (
     editor_settings,
     flag_error,
     load,
-    read_text,
 )
 
 
 def _load_cases(args: argparse.Namespace) -> Tuple[str, List[Any], List[Tuple[int, str]]]:
-    """(format, the cases from ``--start`` on, the skipped records) of the data file; ``--format
-    auto`` takes a file whose first record has ``src`` and ``alt`` for zsRE."""
-    from fastrome.evaluation import load_counterfact, load_zsre
-    from fastrome.evaluation.counterfact import read_json_list
+    """(format, the cases from ``--start`` on, the skipped records) of ``--data``."""
+    from fastrome.evaluation.data import load_cases
 
-    path = Path(args.data)
-    if not path.is_file():
+    if not Path(args.data).is_file():
         raise UsageError(f"data: {args.data!r} is not a file")
-    kind = args.format
-    limit = None if args.limit is None else args.start + args.limit
     try:
-        if kind == "auto":
-            first = read_json_list(path, "data")[:1]
-            kind = "zsre" if first and isinstance(first[0], dict) and "src" in first[0] and "alt" in first[0] else \
-                "counterfact"
-        cases = (load_zsre if kind == "zsre" else load_counterfact)(path, limit=limit)
+        kind, cases = load_cases(args.data, args.format,
+                                 limit=None if args.limit is None else args.start + args.limit)
     except ValueError as exc:
         raise flag_error("data", exc) from None
     return kind, cases[args.start:], cases.skipped
 
 
 def _text_list(path: Optional[str], flag: str) -> List[str]:
-    """Texts from a .txt (one per line) or a JSON list of strings / objects with 'Text' or 'text'."""
+    """The texts of the file ``flag`` names (none when it names none)."""
+    from fastrome.evaluation.data import read_texts
+
     if not path:
         return []
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag}: {path!r} is not a file")
-    text = read_text(p, flag)
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{flag}: {path!r} is not valid JSON ({exc})") from None
-        if not isinstance(data, list):
-            raise UsageError(f"{flag}: {path!r} holds a {type(data).__name__}, expected a JSON list of texts")
-        texts = [d.get("Text", d.get("text")) if isinstance(d, dict) else d for d in data]
-    else:
-        texts = [line.strip() for line in text.splitlines()]
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise UsageError(f"{flag}: no texts in {path!r}")
-    return texts
+    try:
+        return read_texts(path)
+    except ValueError as exc:
+        raise flag_error(flag, exc) from None
 
 
 def _check_eval_flags(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from fastrome.evaluation.counterfact import (
     prefixed,
     summarize,
 )
+from fastrome.evaluation.data import load_cases, read_texts
 from fastrome.evaluation.fluency import generate_for_fluency, ngram_entropy, text_ngram_entropy
 from fastrome.evaluation.prefixes import test_prefixes
 from fastrome.evaluation.zsre import ZsreCase, ZsreCases, evaluate_zsre_case, load_zsre
@@ -22,10 +23,12 @@ __all__ = [
     "evaluate_zsre_case",
     "format_table",
     "generate_for_fluency",
+    "load_cases",
     "load_counterfact",
     "load_zsre",
     "ngram_entropy",
     "prefixed",
+    "read_texts",
     "summarize",
     "test_prefixes",
     "text_ngram_entropy",
