@@ -18,7 +18,7 @@ if ! "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 
 fi
 echo "build: $(( $(date +%s) - start )) s"
 "$PY" -m fastrome info --json >"$OUT/info.json" && "$PY" -m fastrome info | tail -8
-"$PY" -m pytest tests/test_kernels_cuda.py tests/test_kernels_triton.py tests/test_ops.py -q -x \
+"$PY" -m pytest tests/test_kernels.py tests/test_ops.py -q -x \
   2>&1 | tee "$OUT/tests.log" | tail -6
 "$PY" -m pytest benches --benchmark-only --benchmark-json="$OUT/ops_cuda.json" -q 2>&1 | tail -3
 "$PY" benches/render.py "$OUT/ops_cuda.json" | tee "$OUT/ops_cuda.md"

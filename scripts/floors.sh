@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 WORK=${FASTROME_FLOORS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/fastrome-floors.XXXXXX")}
-TESTS=${FLOOR_TESTS:-tests/test_runners.py tests/test_editor.py tests/test_journal.py tests/test_sequential.py tests/test_spread.py tests/test_requests.py tests/test_ops.py}
+TESTS=${FLOOR_TESTS:-tests/test_runners.py tests/test_editor.py tests/test_journal.py tests/test_sequential.py tests/test_spread.py tests/test_requests.py tests/test_ops.py tests/test_kernels.py}
 
 read -r TORCH_FLOOR TRANSFORMERS_FLOOR < <("$PY" - <<'PYEOF'
 import re

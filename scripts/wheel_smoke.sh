@@ -42,7 +42,7 @@ cd "$WORK"
 TESTS="$ROOT/tests/test_wheel_smoke.py"
 case "${FASTROME_BUILD_CUDA:-auto}" in
   # a CUDA build also runs the CUDA kernel suite: without a device every test there must skip cleanly
-  1|true|yes) export FASTROME_EXPECT_CUDA=1; TESTS="$TESTS $ROOT/tests/test_kernels_cuda.py" ;;
+  1|true|yes) export FASTROME_EXPECT_CUDA=1 FASTROME_TEST_BACKENDS=cuda; TESTS="$TESTS $ROOT/tests/test_kernels.py" ;;
 esac
 # shellcheck disable=SC2086
 FASTROME_SOURCE="$ROOT" FASTROME_REQUIRE_EXT=1 "$VPY" -m pytest -q -rs -p no:cacheprovider \

@@ -1,13 +1,24 @@
 """What the kernel tests of every backend share: bit-level comparison, the fp64 bound of one guarded
-rank-one write, and the guard's refuse/accept cases. Device-agnostic: values are checked on the
-device the tensors live on."""
+rank-one write, the guard's refuse/accept cases, and the table of the backends under test (their
+device, availability, sizes and tolerances). Device-agnostic: values are checked on the device the
+tensors live on."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import itertools
 import math
-from typing import Optional, Union
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import pytest
 import torch
+
+from fastrome import _extension, ops
 
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 F32_EPS = torch.finfo(torch.float32).eps
@@ -192,3 +203,308 @@ def plant_in_u(u: torch.Tensor, poison) -> None:
         return
     value, at = poison
     u[len(u) // 2 if at is None else at] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# The backends under test (tests/test_kernels.py runs every numeric check on each of them)
+# ----------------------------------------------------------------------------------------------
+#
+# Triton fixes interpretation when it decorates a function, its own library (``tl.zeros``,
+# ``tl.sum``, ...) included. Without a CUDA device the Triton kernels run on CPU tensors in its
+# interpreter, so Triton and the kernel modules are imported here, when the test modules are
+# collected, with ``TRITON_INTERPRET=1`` set for the import only; the backend fixture sets it
+# again for each test (``fastrome.ops`` serves CPU tensors with Triton only while it is set). If
+# something imported Triton uninterpreted before, the Triton backend is skipped with that reason:
+# run tests/test_kernels.py on its own.
+
+HAVE_CUDA = torch.cuda.is_available()
+TRITON_ENV_AT_IMPORT = os.environ.get("TRITON_INTERPRET")
+TRITON_KERNEL_MODULES = (
+    "fastrome.kernels.rank_one_update",
+    "fastrome.kernels.second_moment",
+    "fastrome.kernels.solve_keys",
+    "fastrome.kernels.symmetric_rank_one_update",
+)
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def _import_triton() -> Tuple[Optional[str], tuple]:
+    """``(why_not, kernel_modules)``: the Triton kernel modules, interpreted without CUDA."""
+    try:
+        return _import_triton_kernels()
+    except Exception as exc:  # a kernel module that fails to import skips the backend, with why
+        return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})", ()
+
+
+def _import_triton_kernels() -> Tuple[Optional[str], tuple]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (`pip install triton`)", ()
+    if HAVE_CUDA:
+        return None, tuple(importlib.import_module(name) for name in TRITON_KERNEL_MODULES)
+    imported = sys.modules.get("triton")
+    if imported is not None and not _interpreted(imported.language.zeros):
+        return (
+            "Triton was imported without TRITON_INTERPRET=1 before the kernel tests, so its CPU "
+            "interpreter cannot run here; run tests/test_kernels.py on its own"
+        ), ()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        modules = tuple(importlib.import_module(name) for name in TRITON_KERNEL_MODULES)
+    kernels = [v for m in modules for k, v in vars(m).items() if k.endswith("_kernel")]
+    if not all(_interpreted(k) for k in kernels):
+        return "the Triton kernel modules were imported uninterpreted before the kernel tests", ()
+    return None, modules
+
+
+def _cpp_why_not() -> Optional[str]:
+    err = _extension.load_error()
+    return None if err is None else f"C++ extension fastrome._C not built: {err}"
+
+
+def _cuda_why_not() -> Optional[str]:
+    if not HAVE_CUDA:
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if _extension.load_error() is not None:
+        return f"the extension fastrome._C is not built: {_extension.load_error()}"
+    if not _extension.built_with_cuda():
+        return f"the CUDA extension fastrome._C_cuda is not loaded: {_extension.cuda_load_error()}"
+    return None
+
+
+TRITON_WHY_NOT, TRITON_MODULES = _import_triton()
+TRITON_INTERPRETED = not HAVE_CUDA
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+ALL_X = [F32, BF16, F16, F64]
+FORMS3 = ["float", "f32", "f64"]
+
+
+def _p(*axes) -> List[tuple]:
+    return list(itertools.product(*axes))
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    """One backend under test: where its tensors live, whether it runs here (``why_not`` is the
+    skip reason when it does not), the sizes each test runs at on it (``sizes[test] -> list of
+    parameter tuples``; a test absent from the table does not run there) and its tolerances."""
+
+    name: str
+    device: torch.device
+    why_not: Optional[str]
+    sizes: Dict[str, List[Any]]
+    tol: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def marks(self) -> tuple:
+        marks = [pytest.mark.gpu] if self.device.type == "cuda" else []
+        if self.why_not is not None:
+            marks.append(pytest.mark.skip(reason=f"{self.name}: {self.why_not}"))
+        return tuple(marks)
+
+    def randn(self, *shape, g, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+        """Normal draws made on the CPU in fp64 (reproducible), rounded, moved to the device."""
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(self.device)
+
+    def tensor(self, data, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def scalar(self, value: float, form: str):
+        return as_scalar(value, form, device=self.device)
+
+
+# Sizes shared by the backends that run on the CPU without an interpreter.
+_CPU_SIZES: Dict[str, List[Any]] = {
+    "moment": [
+        (d, n, x, a)
+        for d, n in [(1, 1), (1, 37), (7, 1), (7, 50), (13, 3), (13, 101), (257, 33), (576, 19)]
+        for x in ALL_X
+        for a in ACC_DTYPES
+    ],
+    "moment_no_rows": _p([7, 257], ALL_X, ACC_DTYPES),
+    "moment_wide": [(F32, F64), (BF16, F32), (F16, F64), (F64, F64)],
+    "moment_noncontiguous": _p([13, 257], ALL_X, ["column_slice", "transposed", "row_strided"]),
+    "moment_mask": _p([7, 257], ["all", "none", "some", "one", "some_strided_mask"], ACC_DTYPES),
+    "moment_masked_nan": [(BF16,), (F32,)],
+    "moment_twice": _p([13, 576], ACC_DTYPES),
+    "moment_row_chunks": [(BF16, F32, False), (F32, F64, True), (F64, F64, False)],
+    "moment_strided_acc": [(270, F32, BF16)],
+    "moment_column_major": [(257, F32, BF16), (257, F64, F32)],
+    "solve": _p([1, 2, 13, 257, 576], [F64, F32], [F32, F64, BF16], [None, 5]),
+    "solve_layouts": _p(
+        [37],
+        ["contiguous", "column_major", "sliced"],
+        ["strided_1d", "transposed_2d", "column_slice_2d", "row_strided_2d"],
+    ),
+    "solve_small": [(257,)],
+    "r1u": _p(W_DTYPES, [(1, 1), (7, 13), (13, 7), (576, 1536)], ["contiguous", "transposed", "sliced"], [False, True]),
+    "r1u_master_dtypes": _p([(19, 23)], W_DTYPES, [F32, F64]),
+    "r1u_vectors": _p([(11, 17)], [F32, BF16, F64], [(BF16, F64), (F64, F16), (F16, BF16)], [False, True]),
+    "r1u_large": [(F32, "contiguous", False), (BF16, "contiguous", True)],
+    "r1u_refused": [((9, 14), [(w, f, F32) for w, f in _p(W_DTYPES, FORMS3)])],
+    "sym": _p([1, 7, 97, 576, 1536], ACC_DTYPES, [F32, BF16, F64]),
+    "sym_layouts": _p([8, 37], ACC_DTYPES, ["contiguous", "transposed", "sliced"], ["contiguous", "strided", "offset"]),
+    "sym_refused": [(13, _p(ACC_DTYPES, FORMS3))],
+    "sym_small": [(9,)],
+    "sym_key": _p([7, 97, 576], ACC_DTYPES, ["moderate", "strong"]),
+}
+
+BACKENDS: Dict[str, KernelBackend] = {
+    "reference": KernelBackend("reference", torch.device("cpu"), None, _CPU_SIZES),
+    "cpp": KernelBackend("cpp", torch.device("cpu"), _cpp_why_not(), _CPU_SIZES),
+    # The interpreter is slow: few rows, and sizes that still cross the 64/128-wide tiles.
+    "triton": KernelBackend(
+        "triton",
+        torch.device("cuda" if HAVE_CUDA else "cpu"),
+        TRITON_WHY_NOT,
+        {
+            "moment": [
+                (d, n, x, a)
+                for d, n in [(1, 5), (7, 70), (13, 33), (67, 70), (131, 41), (576, 19)]
+                for x in [F32, BF16, F16]
+                for a in ACC_DTYPES
+            ],
+            "moment_no_rows": [(13, BF16, F64)],
+            "moment_wide": [(BF16, F64), (F32, F32)],
+            "moment_noncontiguous": _p([67, 131], [BF16, F32], ["column_slice", "transposed", "row_strided"]),
+            "moment_mask": _p([7, 131], ["all", "none", "some", "one", "some_strided_mask"], ACC_DTYPES),
+            "moment_twice": _p([13, 576], ACC_DTYPES),
+            "moment_strided_acc": [(131, F32, BF16)],
+            "moment_column_major": [(67, F32, BF16)],
+            "solve": _p([1, 13, 67, 576], [F64, F32], [F32, BF16, F64], [None, 3]),
+            "solve_layouts": _p(
+                [67], ["column_major", "sliced"], ["strided_1d", "transposed_2d", "column_slice_2d", "row_strided_2d"]
+            ),
+            "solve_small": [(131,)],
+            "r1u": _CPU_SIZES["r1u"],
+            "r1u_master_dtypes": _CPU_SIZES["r1u_master_dtypes"],
+            "r1u_vectors": _p([(11, 17)], [F32, BF16, F64], [(BF16, F64), (F64, F16), (F16, BF16)], [True]),
+            "r1u_large": _CPU_SIZES["r1u_large"],
+            # each weight dtype once, all scalar forms (bf16 too) across them
+            "r1u_refused": [((9, 14), list(zip(W_DTYPES, SCALAR_FORMS, [F32, F32, F64, F32])))],
+            "sym": _p([1, 7, 97, 576], ACC_DTYPES, [F32, BF16, F64]) + _p([1536], ACC_DTYPES, [BF16]),
+            "sym_layouts": _p([37], ACC_DTYPES, ["contiguous", "transposed", "sliced"], ["strided", "offset"]),
+            "sym_refused": [(13, [(F32, "float"), (F64, "f32"), (F32, "f64")])],
+            "sym_small": [(9,)],
+            "sym_key": _p([7, 97], ACC_DTYPES, ["strong"]),
+        },
+    ),
+    # Big and odd sizes: around the 1024-row GEMM blocks (1024, 1025, 2053: a ragged last block),
+    # the 32-wide fold tiles, and the 16-byte vector paths (d % 4 == 0) against the element paths.
+    "cuda": KernelBackend(
+        "cuda",
+        torch.device("cuda"),
+        _cuda_why_not(),
+        {
+            "moment": _p([1, 2, 13, 257, 576, 1024, 1025, 1536, 2053], [1, 37, 300], [BF16, F16, F32, F64], ACC_DTYPES),
+            "moment_no_rows": _p([1, 13, 1031], [BF16], ACC_DTYPES),
+            "moment_noncontiguous": _p(
+                [13, 1031], [BF16, F16, F32, F64], ["column_slice", "transposed", "row_strided"]
+            ),
+            "moment_mask": _p([7, 1031], ["all", "none", "some", "one", "some_strided_mask"], ACC_DTYPES),
+            "moment_masked_nan": [(BF16,), (F32,)],
+            "moment_twice": _p([13, 1031], ACC_DTYPES),
+            "moment_strided_acc": _p([1100], ACC_DTYPES, [BF16, F32, F64]),
+            "moment_column_major": _p([1031], ACC_DTYPES, [BF16, F32]),
+            "moment_large": [
+                (4096, 2048, BF16, F32),
+                (4096, 1000, BF16, F64),
+                (4096, 777, F16, F32),
+                (11008, 256, BF16, F32),
+            ],
+            "solve": _p([1, 2, 13, 257, 576, 1536], [F64, F32], [F32, F64, BF16, F16], [None, 1, 4, 5, 9]),
+            "solve_layouts": _p(
+                [37, 576],
+                ["contiguous", "column_major", "sliced", "misaligned"],
+                ["strided_1d", "transposed_2d", "column_slice_2d", "row_strided_2d"],
+            ),
+            "solve_small": [(1536,)],
+            "solve_large": [(4096, F64, None), (4096, F64, 3), (11008, F32, 2)],
+            "r1u": _p(
+                W_DTYPES,
+                [(1, 1), (7, 13), (13, 7), (8, 16), (576, 1536)],
+                ["contiguous", "transposed", "sliced", "misaligned"],
+                [False, True],
+            ),
+            "r1u_master_dtypes": _p([(19, 23), (64, 256)], W_DTYPES, [F32, F64]),
+            "r1u_vectors": _p(
+                [(11, 17), (32, 64), (64, 96)], [F32, BF16, F64], [(BF16, F64), (F64, F16), (F16, BF16)], [False, True]
+            ),
+            "r1u_large": [
+                (F32, "contiguous", False),
+                (BF16, "contiguous", True),
+                (BF16, "transposed", False),
+                (F16, "contiguous", False),
+                (F64, "transposed", True),
+            ],
+            "r1u_refused": [(s, [(w, f, F32) for w, f in _p(W_DTYPES, FORMS3)]) for s in [(9, 14), (64, 2056)]],
+            "sym": _p([1, 2, 7, 8, 97, 576, 1536, 2053], ACC_DTYPES, [F32, BF16, F64]),
+            "sym_layouts": _p(
+                [37, 64],
+                ACC_DTYPES,
+                ["contiguous", "transposed", "sliced", "misaligned"],
+                ["contiguous", "strided", "misaligned"],
+            ),
+            "sym_refused": [(d, _p(ACC_DTYPES, FORMS3)) for d in [13, 64]],
+            "sym_small": [(8,), (13,), (64,)],  # the vector path (d % 4 == 0) and the element path
+            "sym_key": _p([7, 576], ACC_DTYPES, ["moderate", "strong"]),
+        },
+        # Tensor-core accumulation may truncate once per 16-product MMA step: n/8 more units in the
+        # moment tolerance; the solve sums lane-wise, d/32 terms and a 5-level butterfly.
+        tol={"moment_per_row": 1 / 8, "solve_terms": lambda d: d / 32.0 + 8.0},
+    ),
+}
+
+# FASTROME_TEST_BACKENDS=cuda,triton runs those backends only (scripts/wheel_smoke.sh: only CUDA).
+SELECTED = [b for b in os.environ.get("FASTROME_TEST_BACKENDS", ",".join(BACKENDS)).split(",") if b]
+
+
+def _id(v) -> str:
+    if isinstance(v, torch.dtype):
+        return str(v).replace("torch.", "")
+    if isinstance(v, (list, tuple)):
+        return "x".join(_id(x) for x in v) if all(isinstance(x, int) for x in v) else f"{len(v)}combos"
+    return str(v)
+
+
+def on(*names: str) -> list:
+    """Parameters for the named backends (all when none is named), for an indirect ``backend``."""
+    return [pytest.param(n, marks=BACKENDS[n].marks, id=n) for n in (names or BACKENDS) if n in SELECTED]
+
+
+def cases(test: str) -> list:
+    """``(backend, *sizes)`` parameters: each backend's ``sizes[test]`` rows."""
+    out = []
+    for name in SELECTED:
+        kb = BACKENDS[name]
+        for row in kb.sizes.get(test, ()):
+            row = row if isinstance(row, tuple) else (row,)
+            out.append(pytest.param(name, *row, marks=kb.marks, id="-".join([name] + [_id(v) for v in row])))
+    return out
+
+
+@contextlib.contextmanager
+def serving(kb: KernelBackend, monkeypatch):
+    """Make ``kb`` servable for its device (Triton interpreted on the CPU) and force it."""
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    if kb.name == "triton" and TRITON_INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        for mod in TRITON_MODULES:
+            monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    with ops.use_backend(kb.name):
+        for op in ops.OPS:
+            assert ops.select_backend(op, kb.device) == kb.name, (op, kb.name)
+        yield kb
+
+
+def force_backend(request, monkeypatch):
+    """The body of the test modules' ``backend`` fixture: the backend of the test's (indirect)
+    parameter, forced for the test (dispatch is checked, not assumed)."""
+    kb = BACKENDS[request.param]
+    if kb.why_not is not None:
+        pytest.skip(f"{kb.name}: {kb.why_not}")
+    with serving(kb, monkeypatch):
+        yield kb

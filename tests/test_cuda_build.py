@@ -3,7 +3,7 @@
 No GPU is needed: the script only runs `nvcc -c` for sm_90a and sm_80 against the installed torch's
 headers. It takes about two minutes on a 2-core machine (3 files, 2 at a time), so it stays in the
 default suite. What it does not cover (linking, loading, running the kernels) is left to
-tests/test_kernels_cuda.py on a machine with a GPU.
+the CUDA cases of tests/test_kernels.py on a machine with a GPU.
 """
 
 from __future__ import annotations
