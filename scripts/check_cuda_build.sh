@@ -20,7 +20,7 @@
 # every kernel template instantiated by the host code compiles for both architectures, and none
 # spills registers. What it does not prove: that the kernels are correct or fast, that the
 # extension links and loads (no link step: a CPU-only torch has no libtorch_cuda to link
-# against), or that the ops register and dispatch. the CUDA cases of tests/test_kernels.py check those on a
+# against), or that the ops register and dispatch. The CUDA cases of tests/test_kernels.py check those on a
 # machine with a GPU.
 #
 # A CPU-only torch still ships the ATen/cuda and c10/cuda headers, but not the CMake-generated

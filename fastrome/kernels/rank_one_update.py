@@ -61,6 +61,18 @@ def _finite(x):
 
 
 @triton.jit
+def tile(active, n_a, n_b, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's 2-D tile: int64 offsets along both dimensions and their in-bounds masks, all
+    false unless ``active`` (so an inactive write reads and writes nothing)."""
+    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # tl.where, not `&`: the interpreter mistypes a scalar comparison broadcast into a block.
+    in_a = tl.where(active, offs_a < n_a, False)
+    in_b = tl.where(active, offs_b < n_b, False)
+    return offs_a.to(tl.int64), offs_b.to(tl.int64), in_a, in_b
+
+
+@triton.jit
 def count_nonfinite(ptr, n, stride, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     """How many of the ``n`` strided elements at ``ptr`` are not finite once converted to COMPUTE."""
     bad = tl.zeros((BLOCK,), tl.int32)
@@ -114,15 +126,8 @@ def _write_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
-    ok = tl.load(flag_ptr) != 0
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     # Every load is masked with the flag too: a refused write reads nothing and computes on zeros.
-    # (tl.where, not `&`: the interpreter mistypes a scalar comparison broadcast into a block.)
-    in_a = tl.where(ok, offs_a < n_a, False)
-    in_b = tl.where(ok, offs_b < n_b, False)
-    a64 = offs_a.to(tl.int64)
-    b64 = offs_b.to(tl.int64)
+    a64, b64, in_a, in_b = tile(tl.load(flag_ptr) != 0, n_a, n_b, BLOCK_A, BLOCK_B)
     va = convert(tl.load(va_ptr + a64 * stride_va, mask=in_a, other=0.0), COMPUTE)
     vb = convert(tl.load(vb_ptr + b64 * stride_vb, mask=in_b, other=0.0), COMPUTE)
     inside = in_a[:, None] & in_b[None, :]

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrome.kernels.rank_one_update import _finite, convert, count_nonfinite
+from fastrome.kernels.rank_one_update import _finite, convert, count_nonfinite, tile
 
 
 @triton.jit
@@ -70,14 +70,7 @@ def _write_kernel(
     _, _, coef64 = _coefficient(beta_ptr, denom_ptr)
     coef = coef64.to(COMPUTE)
     # Refused, or β = 0: nothing is read or written (the loads are masked too).
-    write = (tl.load(flag_ptr) != 0) & (coef != 0)
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    # tl.where, not `&`: the interpreter mistypes a scalar comparison broadcast into a block.
-    in_a = tl.where(write, offs_a < n, False)
-    in_b = tl.where(write, offs_b < n, False)
-    a64 = offs_a.to(tl.int64)
-    b64 = offs_b.to(tl.int64)
+    a64, b64, in_a, in_b = tile((tl.load(flag_ptr) != 0) & (coef != 0), n, n, BLOCK_A, BLOCK_B)
     ua = convert(tl.load(u_ptr + a64 * stride_u, mask=in_a, other=0.0), COMPUTE)
     ub = convert(tl.load(u_ptr + b64 * stride_u, mask=in_b, other=0.0), COMPUTE)
     inside = in_a[:, None] & in_b[None, :]
