@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     def editor():
         ed = Editor(model, tok, stats={layer: C}, layer=layer, mode="consistent", policy="force", progress=False,
                     cache_dir=False)
-        ed._templates = list(templates)
+        ed.use_templates(templates)
         return ed
 
     templates = Editor(model, tok, stats={layer: C}, layer=layer, progress=False).templates()

@@ -116,7 +116,7 @@ def test_edit(timed, benchmark, setup, impl):
         batch = len(reqs) if impl.endswith("batched") else 1
         ed = Editor(model, tok, stats=stats, layer=layer, policy="force", progress=False,
                     v_fast=not impl.endswith("whole-model steps"), cache_dir=False, **SETTINGS.get(impl, {}))
-        ed._templates = list(templates)
+        ed.use_templates(templates)
         ed.solver(layer)
 
         def fn():

@@ -1,47 +1,49 @@
 """The editing engine: :class:`Editor` keeps templates, statistics, solvers and master copies across
 calls, so sequential edits share them; :func:`edit` is the one-call form.
+
+This module orchestrates an edit (requests → keys → values → write); the parts it drives live
+beside it: one layer's guarded write in :mod:`fastrome.writer`, the edit shared among several
+layers in :mod:`fastrome.spread`, and base weights, masters, checkpoints, undo and resume in
+:mod:`fastrome.history` (over the on-disk :mod:`fastrome.journal`).
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
 import time
 import warnings
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from fastrome import guards, update
+from fastrome import guards
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import cache_dir as resolve_cache_dir
-from fastrome.config import EditConfig, make_config, settings_made_with
+from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
 from fastrome.guards import EditRefused
-from fastrome.journal import Journal, JournalEntry, apply_factors, check_base, weight_digest
+from fastrome.history import EditHistory, edit_memory
+from fastrome.journal import Journal, JournalEntry
 from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
 from fastrome.peft_adapter import save_peft_adapter
-from fastrome.pretrained import SavedEdits, read_pretrained, write_pretrained
+from fastrome.pretrained import read_pretrained, write_pretrained
 from fastrome.projection import ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
+from fastrome.spread import apply_spread, spread_layers
 from fastrome.stats import SecondMoment, layer_fingerprint, load_or_compute
 from fastrome.stats.npz import load_rome_npz
 from fastrome.stats.source import CorpusLike, StatsLike, check_sources, corpus_source, is_identity, statistics_file_kind
 from fastrome.templates import load_or_generate
 from fastrome.tokens import pad_id, target_ids
 from fastrome.values import ValueResult, check_request, frozen, optimize_values
-
-_log = logging.getLogger(__name__)
+from fastrome.writer import LayerWriter
 
 MERGED_EDITS = "fastrome_edits"  # the subfolder of a save_merged folder that holds its edits
 
@@ -129,19 +131,16 @@ class Editor:
         self._solvers: Dict[int, CovarianceSolver] = {}
         self._projectors: Dict[int, Tuple[Tensor, int]] = {}  # null-space projectors until their solver is built
         self._stats_source: Dict[int, str] = {}
-        self._masters: Dict[int, Tensor] = {}
-        self._total_ratio: Dict[int, float] = defaultdict(float)
         self._templates: Optional[List[str]] = None
         self.history: List[EditRecord] = []
         self.last: Optional[EditArtifacts] = None
-        self._base: Dict[int, Tensor] = {}
-        # per layer, copies of the weight after two recent edits, oldest first (see _LayerCheckpoint):
-        # undoing the latest edits restarts from one instead of replaying the whole journal
-        self._checkpoints: Dict[int, List[_LayerCheckpoint]] = {}
         self.journal = Journal(journal)
+        # what undo, replay and resume need beside the journal (``self.history`` is this session's records)
+        self._past = EditHistory(self.adapter, self.journal, cfg, self._solvers)
+        self._writer = LayerWriter(self.adapter, cfg, self._solvers, self._past)
         try:
             if len(self.journal):
-                self._resume()
+                self._past.resume()
         except BaseException:
             self.journal.close()
             raise
@@ -206,7 +205,7 @@ class Editor:
         layer = self.layer if layer is None else layer
         self._ensure_solvers([layer])
         solver = self._solvers[layer]
-        memory = f"; edit memory β {solver.beta:g}" if self._memory(layer) is not None else ""
+        memory = f"; edit memory β {solver.beta:g}" if edit_memory(self._solvers, layer) is not None else ""
         if solver.identity:
             return self._stats_source[layer] + memory
         return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}{memory}"
@@ -232,11 +231,11 @@ class Editor:
         for layer, spec in per_layer.items():
             if spec is not None:
                 # a statistics file is checked against the unedited model it was computed on
-                with self._unedited():
+                with self._past.unedited():
                     self._solvers[layer], self._stats_source[layer] = self._solver_from(layer, spec)
         cfg = self.config
         if to_compute:  # computed together, in one pass over the corpus
-            with self._unedited():
+            with self._past.unedited():
                 found = load_or_compute(
                     self.adapter, self.tokenizer, to_compute, corpus=self._corpus, tokens=cfg.stats_tokens,
                     max_len=cfg.stats_max_len, dtype=getattr(torch, cfg.stats_dtype),
@@ -267,54 +266,12 @@ class Editor:
         for layer in layers:
             if cfg.memory_beta > 0:
                 memory = EditMemory(self._solvers[layer], cfg.memory_beta, cfg.memory_refactor_every)
-                memory.rebuild(self._journal_keys(layer))
+                memory.rebuild(self._past.journal_keys(layer))
                 self._solvers[layer] = memory
             if cfg.null_space > 0:
                 projector, rank = self._projectors.pop(layer)
                 self._solvers[layer] = ProjectedSolver(self._solvers[layer], projector, rank, cfg.null_space)
                 self._stats_source[layer] += f"; null-space projection rank {rank} of {projector.shape[0]}"
-
-    def _memory(self, layer: int) -> Optional[EditMemory]:
-        """``layer``'s edit memory, behind a projection or not; None when the memory is off."""
-        solver = self._solvers.get(layer)
-        solver = solver.inner if isinstance(solver, ProjectedSolver) else solver
-        return solver if isinstance(solver, EditMemory) else None
-
-    def _journal_keys(self, layer: int) -> List[Tensor]:
-        """The solved keys of the journal's edits at ``layer``, in order (what its memory holds)."""
-        keys = []
-        for e in self.journal:
-            if e.layer == layer:
-                if e.key is None:
-                    raise ValueError(f"config.memory_beta: edit {e.edit_id} in the journal has no key (written "
-                                     "before keys were kept), so the edit memory cannot be rebuilt; resume it "
-                                     "with memory_beta=0")
-                keys.extend(self._memory_rows(e.key))
-        return keys
-
-    def _memory_rows(self, key: Tensor) -> List[Tensor]:
-        """The rows of an edit's solved key (1 or 2, d_in) its layer's memory keeps: a dual edit's
-        two keys (k̄, k_u), or only k_u with ``memory_dual_keys="prompt"``."""
-        rows = list(key.reshape(-1, key.shape[-1]))
-        return rows[-1:] if len(rows) == 2 and self.config.memory_dual_keys == "prompt" else rows
-
-    @contextmanager
-    def _unedited(self) -> Iterator[None]:
-        """The base weights in place of the edited ones for the duration, then the edited ones back
-        bit for bit. Statistics describe the unedited model: without this, a layer first needed
-        after edits below it (a spread edit, or any run resumed from its journal, which replays
-        the edits first) would get statistics of the edited model, so a resumed run would edit
-        differently from one never interrupted."""
-        edited = {layer: self.adapter.weight(layer).detach().clone() for layer in self._base}
-        try:
-            with torch.no_grad():
-                for layer in edited:
-                    self.adapter.weight(layer).copy_(self._base[layer])
-            yield
-        finally:
-            with torch.no_grad():
-                for layer, weight in edited.items():
-                    self.adapter.weight(layer).copy_(weight)
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment, consume: bool = False) -> CovarianceSolver:
         """``consume``: ``sm`` is this editor's own (computed or read here), so its sum may become the
@@ -366,23 +323,6 @@ class Editor:
             return self._solver_from_moment(layer, spec.to_device(device)), spec.describe()
         raise ValueError(f"stats: unsupported value {type(spec).__name__} for layer {layer}")
 
-    def _weight32(self, layer: int) -> Tuple[Tensor, Optional[Tensor]]:
-        """(fp32 view of the current weight for the math, master copy or None)."""
-        weight = self.adapter.weight(layer)
-        if weight.dtype in (torch.float32, torch.float64):
-            return weight.detach().float(), None
-        master = self._masters.get(layer)
-        if master is not None and not torch.equal(weight.detach(), master.to(weight.dtype)):
-            warnings.warn(
-                f"layer {layer}'s weight was changed outside this editor; taking a new fp32 master copy",
-                stacklevel=3,
-            )
-            master = None
-        if master is None:
-            master = weight.detach().float()
-            self._masters[layer] = master
-        return master, master
-
     # -- editing --------------------------------------------------------------------------------
     def _prepare(self, reqs: List[EditRequest]) -> List[int]:
         """Per-request layer, after checking every request tokenises and every layer it would write
@@ -406,8 +346,8 @@ class Editor:
             except ValueError as exc:
                 raise RequestError(f"requests[{i}]: {exc}") from None
             layers.append(layer)
-        written = {part for at in layers for part in self._spread_layers(at)}
-        for part in sorted(written - set(self._base)):
+        written = {part for at in layers for part in spread_layers(at, self.config.spread)}
+        for part in sorted(written - set(self._past.base)):
             self._check_finite(part)
         return layers
 
@@ -458,7 +398,7 @@ class Editor:
         layers = self._prepare(reqs)
         report = EditReport()
         t0 = _now()
-        self._ensure_solvers(part for layer in layers for part in self._spread_layers(layer))
+        self._ensure_solvers(part for layer in layers for part in spread_layers(layer, self.config.spread))
         stats_seconds = _now() - t0
         t0 = _now()
         templates = self.templates()
@@ -477,7 +417,7 @@ class Editor:
                     rec = EditRecord(
                         index=len(self.history) + len(recs), case_id=req.case_id, prompt=req.text,
                         subject=req.subject, target_new=req.target_new, layer=layer, mode=self.config.mode,
-                        stats="; ".join(self.stats_source(part) for part in self._spread_layers(layer)),
+                        stats="; ".join(self.stats_source(part) for part in spread_layers(layer, self.config.spread)),
                         settings=self.config.lifelong_settings(),
                     )
                     if i == 0:
@@ -489,7 +429,7 @@ class Editor:
                     if residual is None:
                         self._apply(reqs[i], layers[i], keys, vr, rec)
                     else:
-                        self._apply_spread(reqs[i], layers[i], vr, residual, rec)
+                        self._apply_spread(reqs[i], layers[i], templates, vr, residual, rec)
                     report.records.append(rec)
                     self.history.append(rec)
                     bar.update(1)
@@ -542,10 +482,6 @@ class Editor:
             rec.batch = len(reqs)
         return list(zip(keys, vrs, residuals))
 
-    def _spread_layers(self, layer: int) -> List[int]:
-        """The layers an edit at ``layer`` writes, lowest first."""
-        return list(range(layer - self.config.spread + 1, layer + 1))
-
     def _controlled_value(self, layer: int, keys: Tensor, vr: ValueResult, rec: EditRecord) -> Tuple[Tensor, str]:
         """``v*`` after value-norm control, and why the edit is refused ("" when it is not).
 
@@ -557,8 +493,7 @@ class Editor:
         rec.v_star_norm = float(v_star.norm())
         if cfg.value_norm == "off":
             return v_star, ""
-        self._remember_base(layer)
-        base = self._base[layer].to(torch.float32)
+        base = self._past.remember_base(layer).to(torch.float32)
         key = keys.mean(0) if cfg.mode == "consistent" else keys[0]
         ref = torch.mv(base, key.to(base.device, torch.float32))
         bias = self.adapter.bias(layer)
@@ -580,7 +515,7 @@ class Editor:
         cfg = self.config
         t0 = _now()
         v_star, too_large = self._controlled_value(layer, keys, vr, rec)
-        plan, total, verdict = self._check_part(layer, keys, vr, v_star=v_star)
+        plan, total, verdict = self._writer.check(layer, keys, vr, v_star=v_star)
         if too_large:
             verdict = guards.Verdict(False, verdict.reasons + [too_large], verdict.floor)
         rec.denominator, rec.denominator_rel, rec.denominator_floor = plan.denom, plan.denom_rel, verdict.floor
@@ -592,9 +527,8 @@ class Editor:
 
         t0 = _now()
         if verdict.ok or cfg.policy == "force":
-            if self._write_part(layer, plan, verdict):
+            if self._writer.write(layer, plan, verdict):
                 rec.status = "applied" if verdict.ok else "forced"
-                self._total_ratio[layer] = total
             else:
                 rec.status = "refused"
                 rec.reasons = rec.reasons or ["the write refused non-finite values"]
@@ -603,269 +537,42 @@ class Editor:
         rec.seconds["write"] = _now() - t0
         if rec.applied:
             rec.edit_id = self.journal.next_id
-            self.journal.append(JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(),
-                                             key=plan.solved_key))
-            self._note_written(layer)
-            rec.seconds["memory"] = self._remember(layer, plan.solved_key)
+            rec.seconds["memory"] = self._past.record(
+                JournalEntry(rec.edit_id, layer, plan.u, plan.lam, req.to_dict(), rec.to_dict(), key=plan.solved_key),
+                total,
+            )
         self.last = EditArtifacts(
             layer=layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init, v_star=v_star,
             u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
         )
 
-    def _check_part(
-        self, layer: int, keys: Tensor, vr: ValueResult, *, v_star: Optional[Tensor] = None,
-        change: Optional[Tensor] = None,
-    ) -> Tuple[update.UpdatePlan, float, guards.Verdict]:
-        """Plan ``layer``'s rank-one update against its current weight (for ``v_star``, or for an
-        output ``change`` at the key) and judge it: (plan, running ratio total after it, verdict)."""
-        cfg = self.config
-        self._remember_base(layer)
-        weight32, _ = self._weight32(layer)
-        plan = update.plan(
-            cfg.mode, self._solvers[layer], weight32, self.adapter.bias(layer), keys.mean(0), keys[0], v_star,
-            change=None if change is None else change.to(weight32.device),
-        )
-        total = self._total_ratio[layer] + plan.update_ratio
-        verdict = guards.check(
-            k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
-            update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg, energy=plan.energy,
-        )
-        return plan, total, verdict
-
-    def _write_part(self, layer: int, plan: update.UpdatePlan, verdict: guards.Verdict) -> bool:
-        """The guarded write of a checked plan (a refused one only under ``policy='force'``, which
-        drops the denominator floor); True if it was written."""
-        _, master = self._weight32(layer)
-        with torch.no_grad():
-            return bool(update.write(self.adapter.weight(layer), plan, verdict.floor if verdict.ok else -math.inf,
-                                     master))
-
-    def _apply_spread(self, req: EditRequest, layer: int, vr: ValueResult, residual: Tensor, rec: EditRecord) -> None:
-        """A spread edit: the layers below ``layer`` and ``layer`` itself, lowest first, each take
-        an equal share of what the residual stream after ``layer`` still lacks of its target
-        (``residual`` + δ, averaged over the prompts; at the unprefixed prompt in the modes whose
-        numerator key is the unprefixed one), the last one all that is left. Keys and the
-        residual are read again after every write. All layers are written or none: a refusal at
-        any layer rebuilds the ones already written, and the journal gets the parts only at the end.
-        """
-        cfg, adapter, tok = self.config, self.adapter, self.tokenizer
-        layers = self._spread_layers(layer)
-        prompts = edit_prompts(tok, self.templates(), req)
-
-        def at_key(h: Tensor) -> Tensor:
-            # where the mode's numerator key reads: the prompts' mean, or the unprefixed prompt
-            return h.mean(0) if cfg.mode == "consistent" else h[0]
-
-        target = at_key(residual) + vr.delta.to(residual.device)
-        written: List[Tuple[int, update.UpdatePlan, float]] = []
-        solve_seconds = write_seconds = 0.0
-        rec.reasons = []
-        for i, part_layer in enumerate(layers):
-            t0 = _now()
-            with frozen(self.model):
-                keys = capture_at(adapter, part_layer, prompts, pad_id(tok))[0]
-                # Alone in its batch, nothing has been written since ``residual`` was read.
-                stream = residual if i == 0 and rec.batch == 1 else capture_residual(adapter, layer, prompts,
-                                                                                          pad_id(tok))
-                now = at_key(stream)
-            share = (target - now.to(target.device)) / (len(layers) - i)
-            plan, total, verdict = self._check_part(part_layer, keys, vr, change=share)
-            rec.parts.append({
-                "layer": part_layer, "edit_id": None, "denominator": plan.denom, "denominator_rel": plan.denom_rel,
-                "denominator_floor": verdict.floor, "update_norm": plan.update_norm,
-                "update_ratio": plan.update_ratio, "interference": plan.interference, "total_update_ratio": total,
-            })
-            rec.reasons += [f"layer {part_layer}: {r}" for r in verdict.reasons]
-            solve_seconds += _now() - t0
-            if not (verdict.ok or cfg.policy == "force"):
-                break
-            t0 = _now()
-            applied = self._write_part(part_layer, plan, verdict)
-            write_seconds += _now() - t0
-            if not applied:
-                rec.reasons.append(f"layer {part_layer}: the write refused non-finite values")
-                break
-            written.append((part_layer, plan, total))
-        rec.seconds["solve"], rec.seconds["write"] = solve_seconds, write_seconds
-        weakest = min(rec.parts, key=lambda p: p["denominator_rel"] if math.isfinite(p["denominator_rel"]) else -1)
-        rec.denominator, rec.denominator_rel = weakest["denominator"], weakest["denominator_rel"]
-        rec.denominator_floor = weakest["denominator_floor"]
-        rec.update_norm = math.sqrt(sum(p["update_norm"] ** 2 for p in rec.parts))
-        rec.update_ratio = max(p["update_ratio"] for p in rec.parts)
-        rec.interference = sum(p["interference"] for p in rec.parts)
-        rec.total_update_ratio = max(p["total_update_ratio"] for p in rec.parts)
-        if len(written) < len(layers):
-            rec.status = "refused"
-            if written:  # back to the weights from before this edit, bit for bit
-                self._rebuild(part_layer for part_layer, _, _ in written)
-        else:
-            rec.status = "forced" if rec.reasons else "applied"
-            first = self.journal.next_id
-            rec.edit_id = first
-            for i, (part_layer, _, total) in enumerate(written):
-                rec.parts[i]["edit_id"] = first + i
-                self._total_ratio[part_layer] = total
-            whole = rec.to_dict()
-            rec.seconds["memory"] = 0.0
-            for i, (part_layer, part_plan, _) in enumerate(written):
-                self.journal.append(JournalEntry(first + i, part_layer, part_plan.u, part_plan.lam, req.to_dict(),
-                                                 {**whole, "part": i}, key=part_plan.solved_key))
-                self._note_written(part_layer)
-                rec.seconds["memory"] += self._remember(part_layer, part_plan.solved_key)
+    def _apply_spread(self, req: EditRequest, layer: int, templates: List[str], vr: ValueResult, residual: Tensor,
+                      rec: EditRecord) -> None:
+        """A spread edit (:func:`fastrome.spread.apply_spread`), kept as ``self.last``."""
+        part_layer, keys, plan = apply_spread(self._writer, self._past, req, layer,
+                                              edit_prompts(self.tokenizer, templates, req), pad_id(self.tokenizer),
+                                              vr, residual, rec)
         self.last = EditArtifacts(
-            layer=part_layer, mode=cfg.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
+            layer=part_layer, mode=self.config.mode, k_mean=keys.mean(0), k_plain=keys[0], v_init=vr.v_init,
             v_star=vr.v_star, u=plan.u, lam=plan.lam, denom=plan.denom, applied=rec.applied,
         )
 
     # -- journal, undo, export ------------------------------------------------------------------
-    def _remember_base(self, layer: int) -> None:
-        """Keep ``layer``'s weight from before its first edit: undo and replay start from it."""
-        if layer in self._base:
-            return
-        weight = self.adapter.weight(layer)
-        self._base[layer] = weight.detach().clone()
-        self.journal.note_base(layer, weight_digest(weight))
-
-    def _remember(self, layer: int, key: Tensor) -> float:
-        """An applied edit's key joins its layer's edit memory (when the memory is on); returns the
-        seconds it took (0 without a memory)."""
-        memory = self._memory(layer)
-        if memory is None:
-            return 0.0
-        t0 = _now()
-        for row in self._memory_rows(key):
-            memory.add(row)
-        return _now() - t0
-
-    def _note_written(self, layer: int) -> None:
-        """After a write at ``layer`` is journaled: every CHECKPOINT_EVERY writes there, keep a copy."""
-        kept = self._checkpoints.get(layer)
-        if not kept or kept[-1].since + 1 >= CHECKPOINT_EVERY:
-            self._checkpoint(layer, self.journal.entries[-1].edit_id)
-        else:
-            kept[-1].since += 1
-
-    def _checkpoint(self, layer: int, last_id: int) -> None:
-        """Copy ``layer``'s state as it is right after entry ``last_id``; the two newest copies stay, so
-        an undo of up to CHECKPOINT_EVERY writes there always finds one from before them."""
-        master = self._masters.get(layer)
-        ckpt = _LayerCheckpoint(last_id, self.adapter.weight(layer).detach().clone(),
-                                None if master is None else master.clone(), self._total_ratio[layer])
-        self._checkpoints[layer] = self._checkpoints.get(layer, [])[-1:] + [ckpt]
-
-    def _rebuild(self, layers: Iterable[int], removed: Sequence[JournalEntry] = ()) -> None:
-        """Set each layer to its base weight plus the journal's factors, in order (bit-identical to
-        the original writes, through a fresh fp32 master for half-precision weights), and its edit
-        memory to the journal's keys there.
-
-        After an undo (``removed``: the entries just taken out of the journal), a layer whose removed
-        entries all came after its checkpoint restarts from that copy and replays only the entries
-        since, and its memory forgets just the removed keys when they were its latest: the same bits,
-        in time that does not grow with the journal."""
-        for layer in sorted(set(layers)):
-            gone = [e for e in removed if e.layer == layer]
-            first_gone = min(e.edit_id for e in gone) if gone else None
-            # the newest copy from before every removed entry; newer ones held removed writes
-            usable = [c for c in self._checkpoints.get(layer, []) if gone and c.last_id < first_gone]
-            ckpt = usable[-1] if usable else None
-            fast = ckpt is not None
-            memory = self._memory(layer)
-            if memory is not None:
-                if gone and not any(e.layer == layer for e in self._entries_after(first_gone)):
-                    memory.forget_last(sum(len(self._memory_rows(e.key)) for e in gone))
-                else:
-                    memory.rebuild(self._journal_keys(layer))
-            weight, base = self.adapter.weight(layer), self._base[layer]
-            with torch.no_grad():
-                if fast:
-                    weight.copy_(ckpt.weight)
-                    master = None if ckpt.master is None else ckpt.master.clone()
-                    total, since = ckpt.total, 0
-                    entries = self._entries_after(ckpt.last_id)
-                else:
-                    weight.copy_(base)
-                    master = None if base.dtype in (torch.float32, torch.float64) else base.float()
-                    total, since = 0.0, 0
-                    entries = self.journal.entries
-                last_id = ckpt.last_id if fast else -1
-                for e in entries:
-                    if e.layer == layer:
-                        apply_factors(weight, e.u, e.lam, master)
-                        total += float(_part_record(e).get("update_ratio") or 0.0)
-                        last_id, since = e.edit_id, since + 1
-            if master is not None:
-                self._masters[layer] = master
-            else:
-                self._masters.pop(layer, None)
-            self._total_ratio[layer] = total
-            if fast:
-                ckpt.since = since
-                self._checkpoints[layer] = usable
-            else:
-                self._checkpoints[layer] = []
-                self._checkpoint(layer, last_id)
-
-    def _entries_after(self, edit_id: int) -> List[JournalEntry]:
-        """The journal's entries with ids above ``edit_id``, in order (ids grow along the journal, so
-        this reads only its tail)."""
-        entries = self.journal.entries
-        i = len(entries)
-        while i > 0 and entries[i - 1].edit_id > edit_id:
-            i -= 1
-        return entries[i:]
-
-    def _resume(self) -> None:
-        # A spread edit is journaled part by part; a crash between its parts leaves a partial group,
-        # which is dropped (the run redoes that request) rather than replayed half-applied.
-        partial = [e.edit_id for group in _groups(self.journal.entries) if not _complete(group) for e in group]
-        if partial:
-            _log.warning("journal %s: dropping the incomplete parts %s of a spread edit interrupted while it was "
-                         "being recorded", self.journal.path, partial)
-            self.journal.remove(partial)
-        self._check_settings()
-        layers = sorted({e.layer for e in self.journal})
-        for layer in layers:
-            self.adapter.check_layer(layer, f"journal layer {layer}")
-        check_base(self.adapter, self.journal.base_digests, f"journal {self.journal.path}")
-        for layer in layers:
-            self._base[layer] = self.adapter.weight(layer).detach().clone()
-        self._rebuild(layers)
-
-    def _check_settings(self, entries: Optional[List[JournalEntry]] = None) -> None:
-        """A resumed run keeps the settings its edits (``entries``, default the journal's) were made
-        with (journals from before these settings were recorded carry none and are taken as they are)."""
-        entries = self.journal.entries if entries is None else entries
-        recorded = next((e.record.get("settings") for e in reversed(entries) if e.record.get("settings")), None)
-        if not recorded:
-            return
-        now = self.config.lifelong_settings()
-        # a setting added after the journal was written was, for its edits, at the default it had then
-        recorded = settings_made_with(recorded)
-        differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
-        if differ:
-            said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))
-            raise ValueError(f"journal {self.journal.path}: its edits were made with {said}; resume with the "
-                             "same settings, or start a new journal")
-
     def done_case_ids(self) -> List[Any]:
         """``case_id`` of every edit in the journal, in order (to skip them when resuming a run)."""
-        return [group[0].request.get("case_id") for group in _groups(self.journal.entries)]
+        return [group[0].request.get("case_id") for group in self._past.edits()]
 
     def applied_records(self) -> List[Dict[str, Any]]:
         """The record (``EditRecord.to_dict()``) of every edit in the journal, in order; one per
         request, also for spread edits that wrote several layers."""
-        return [group[0].record for group in _groups(self.journal.entries)]
+        return [group[0].record for group in self._past.edits()]
 
     def drift(self) -> Dict[int, float]:
         """``{layer: ‖W − W₀‖_F / ‖W₀‖_F}`` for every layer this editor has written (W₀ its weight
         before the first edit, computed in fp64): how far all edits so far, taken together, have
         moved each matrix. Independent rank-one edits add up roughly like a random walk, so this
         grows like √n times a single edit's ‖ΔW‖/‖W‖ rather than like their sum."""
-        out: Dict[int, float] = {}
-        for layer, base in sorted(self._base.items()):
-            b = base.double()
-            out[layer] = float((self.adapter.weight(layer).detach().double() - b).norm() / b.norm())
-        return out
+        return self._past.drift()
 
     def undo(self, edit_ids: Union[int, Iterable[int]]) -> List[JournalEntry]:
         """Remove edits by id: each touched layer is rebuilt from its base weight and the remaining
@@ -874,36 +581,19 @@ class Editor:
         Raises:
             ValueError: an id that is not in the journal (nothing is changed then).
         """
-        ids = [edit_ids] if isinstance(edit_ids, int) else [int(i) for i in edit_ids]
-        known = {e.edit_id for e in self.journal}
-        unknown = sorted(set(ids) - known)
-        if unknown:
-            raise ValueError(f"edit_ids: {unknown} not in the journal (ids {sorted(known)[:10]}...)")
-        # a spread edit goes as a whole, whichever of its layers' ids is named
-        wanted = set(ids)
-        return self._remove([e.edit_id for group in _groups(self.journal.entries)
-                             if wanted & {x.edit_id for x in group} for e in group])
+        return self._undone(self._past.undo(edit_ids))
 
-    def _remove(self, ids: List[int]) -> List[JournalEntry]:
-        removed = self.journal.remove(ids)
-        self._rebuild((e.layer for e in removed), removed)
-        gone = set(ids)
+    def undo_last(self, n: int = 1) -> List[JournalEntry]:
+        """Undo the last ``n`` edits (requests); the weights are bit-for-bit those from before them."""
+        return self._undone(self._past.undo_last(n))
+
+    def _undone(self, removed: List[JournalEntry]) -> List[JournalEntry]:
+        """Mark this session's records of the ``removed`` entries undone; returns them."""
+        gone = {e.edit_id for e in removed}
         for rec in self.history:
             if rec.edit_id in gone:
                 rec.status = "undone"
         return removed
-
-    def undo_last(self, n: int = 1) -> List[JournalEntry]:
-        """Undo the last ``n`` edits (requests); the weights are bit-for-bit those from before them."""
-        count = self.journal.edit_count
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0 or n > count:
-            raise ValueError(f"n: expected 0..{count} (edits in the journal), got {n!r}")
-        # the last n edits are the journal's tail from the n-th last entry that starts an edit
-        entries, i, started = self.journal.entries, len(self.journal.entries), 0
-        while started < n:
-            i -= 1
-            started += entries[i].record.get("part") in (None, 0)
-        return self._remove([e.edit_id for e in entries[i:]]) if n else []
 
     def save_pretrained(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the applied edits as a folder (``edits.safetensors``, ``fastrome.json`` with the base
@@ -918,7 +608,7 @@ class Editor:
             base_model=getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
             templates=self._templates or self.journal.templates,
             stats={layer: self._stats_source.get(layer, "not loaded in this session") for layer in layers},
-            requests=[group[0].request for group in _groups(self.journal.entries)], version=__version__,
+            requests=[group[0].request for group in self._past.edits()], version=__version__,
         )
 
     @classmethod
@@ -946,37 +636,13 @@ class Editor:
                      module_template=saved.module_template, journal=journal, cache_dir=cache_dir, progress=progress,
                      **overrides)
         try:
-            editor._adopt(saved, f"from_pretrained {str(path)!r}")
+            editor._past.adopt(saved, f"from_pretrained {str(path)!r}")
+            if saved.templates:
+                editor._templates = list(saved.templates)
         except BaseException:
             editor.journal.close()
             raise
         return editor
-
-    def _adopt(self, saved: SavedEdits, where: str) -> None:
-        """Take ``saved``'s edits as this (new) editor's own: check, record, replay."""
-        if len(self.journal):
-            raise ValueError(f"journal: {self.journal.path} already holds edits; {where} needs a new journal")
-        for e in saved.entries:
-            self.adapter.check_layer(e.layer, f"{where}: edit {e.edit_id}'s layer")
-            w = self.adapter.weight(e.layer)
-            if e.u.shape != (w.shape[1],) or e.lam.shape != (w.shape[0],):
-                raise ValueError(f"{where}: edit {e.edit_id} has factors {tuple(e.lam.shape)}×{tuple(e.u.shape)}, "
-                                 f"layer {e.layer}'s weight is {tuple(w.shape)}")
-        layers = sorted({e.layer for e in saved.entries})
-        lacking = [layer for layer in layers if layer not in saved.base_digests]
-        if lacking:
-            raise ValueError(f"{where}: no base-weight digest for layer {lacking[0]} (the folder is damaged)")
-        check_base(self.adapter, saved.base_digests, where)
-        self._check_settings(saved.entries)  # before anything is recorded or written
-        for layer in layers:
-            self._base[layer] = self.adapter.weight(layer).detach().clone()
-            self.journal.note_base(layer, saved.base_digests[layer])
-        if saved.templates:
-            self.journal.note_templates(saved.templates)
-            self._templates = list(saved.templates)
-        for e in saved.entries:
-            self.journal.append(e)
-        self._rebuild(layers)
 
     def save_peft(self, path: Union[str, "os.PathLike[str]"]) -> Path:
         """Write the applied edits as a PEFT LoRA adapter folder (``adapter_config.json``,
@@ -999,44 +665,6 @@ class Editor:
             self.tokenizer.save_pretrained(path)
         self.save_pretrained(path / MERGED_EDITS)
         return path
-
-
-CHECKPOINT_EVERY = 64  # writes at a layer between copies of its weight kept for undo
-
-
-@dataclass
-class _LayerCheckpoint:
-    """A layer's state right after journal entry ``last_id`` (-1: before any): its weight, fp32 master
-    (half-precision weights) and running update-ratio total; ``since``: writes there after it."""
-
-    last_id: int
-    weight: Tensor
-    master: Optional[Tensor]
-    total: float
-    since: int = 0
-
-
-def _part_record(entry: JournalEntry) -> Dict[str, Any]:
-    """The record of ``entry``'s own layer: a spread edit's part, else the edit's record."""
-    part = entry.record.get("part")
-    return entry.record["parts"][part] if part is not None else entry.record
-
-
-def _groups(entries: List[JournalEntry]) -> List[List[JournalEntry]]:
-    """Journal entries by edit: a spread edit's parts (consecutive, ``part`` 0, 1, ...) together."""
-    out: List[List[JournalEntry]] = []
-    for e in entries:
-        part = e.record.get("part")
-        if part is not None and part > 0 and out and out[-1][0].record.get("edit_id") == e.record.get("edit_id"):
-            out[-1].append(e)
-        else:
-            out.append([e])
-    return out
-
-
-def _complete(group: List[JournalEntry]) -> bool:
-    parts = group[0].record.get("parts") or []
-    return group[0].record.get("part") is None or (group[0].record.get("part") == 0 and len(group) == len(parts))
 
 
 def _chunks(layers: List[int], size: int) -> List[List[int]]:

@@ -401,6 +401,31 @@ def read_edits(path: PathLike) -> tuple[List[JournalEntry], Dict[int, str]]:
     return entries, digests
 
 
+def part_record(entry: JournalEntry) -> Dict[str, Any]:
+    """The record of ``entry``'s own layer: a spread edit's part, else the edit's record."""
+    part = entry.record.get("part")
+    return entry.record["parts"][part] if part is not None else entry.record
+
+
+def edit_groups(entries: List[JournalEntry]) -> List[List[JournalEntry]]:
+    """Journal entries by edit: a spread edit's parts (consecutive, ``part`` 0, 1, ...) together."""
+    out: List[List[JournalEntry]] = []
+    for e in entries:
+        part = e.record.get("part")
+        if part is not None and part > 0 and out and out[-1][0].record.get("edit_id") == e.record.get("edit_id"):
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
+
+
+def group_complete(group: List[JournalEntry]) -> bool:
+    """Whether an edit's entries (one group of :func:`edit_groups`) hold all its parts: a crash while
+    a spread edit was being journaled leaves only its first ones."""
+    parts = group[0].record.get("parts") or []
+    return group[0].record.get("part") is None or (group[0].record.get("part") == 0 and len(group) == len(parts))
+
+
 def _starts_edit(entry: JournalEntry) -> int:
     """1 for an entry that starts an edit: a one-layer edit, or part 0 of a spread edit."""
     return int(entry.record.get("part") in (None, 0))

@@ -85,6 +85,11 @@ class EditMemory:
     def condition(self) -> float:
         return self.base.condition
 
+    @property
+    def copies_held(self) -> int:
+        """How many d×d copies of ``A⁻¹`` are kept as restart points for undo."""
+        return sum(copy is not None for _, copy in self._snapshots)
+
     def solve(self, k: Tensor) -> Tuple[Tensor, Tensor]:
         """``(u, uᵀk)`` with ``u = A⁻¹k`` for one key (d,) or a batch (b, d)."""
         if not isinstance(k, Tensor) or k.shape[-1:] != (self.dim,) or k.dim() not in (1, 2):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_memory import second_moments
 
-import fastrome.editor
+import fastrome.history
 from fastrome import Editor
 from fastrome.adapter import ModelAdapter
 
@@ -42,7 +42,7 @@ def inverses(ed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_undo_from_checkpoints_is_bit_exact(make_tiny, tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(fastrome.editor, "CHECKPOINT_EVERY", 2)  # copies every two writes: several in play
+    monkeypatch.setattr(fastrome.history, "CHECKPOINT_EVERY", 2)  # copies every two writes: several in play
     model, tok = make_tiny("llama-bytelevel")
     model = model.to(dtype)
     ed = editor(model, tok, journal=tmp_path / "j")
@@ -52,8 +52,8 @@ def test_undo_from_checkpoints_is_bit_exact(make_tiny, tmp_path, monkeypatch, dt
         after.append(weights(model))
     done = len(REQS)
     applied = []
-    real = fastrome.editor.apply_factors
-    monkeypatch.setattr(fastrome.editor, "apply_factors", lambda *a: applied.append(1) or real(*a))
+    real = fastrome.history.apply_factors
+    monkeypatch.setattr(fastrome.history, "apply_factors", lambda *a: applied.append(1) or real(*a))
     for n in (1, 2, 3):  # the latest edits, across checkpoints and memory refactorisations
         applied.clear()
         ed.undo_last(n)
