@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
+# Triton fixes interpretation when it is imported. The kernel checks import it (and the Triton
+# kernels) interpreted when there is no CUDA device; they must do so before any test module can
+# import it uninterpreted (peft does, through its own imports), or the suite skips every Triton case.
+import kernel_checks  # noqa: F401
 import pytest
 import torch
 
