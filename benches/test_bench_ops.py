@@ -3,6 +3,8 @@ measured ceilings (a large GEMM, a large copy), all in the same run."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from harness import DEVICE
@@ -12,9 +14,12 @@ from fastrome import ops
 CPU = DEVICE == "cpu"
 FAST_DTYPE = torch.float32 if CPU else torch.bfloat16  # the GEMM ceiling's dtype
 
-# (n rows, d): CPU sizes stay in seconds; GPU sizes are Llama-2-7B's (d_ff 11008, hidden 4096)
-MOMENT_SHAPES = [(4096, 1536), (2048, 4096)] if CPU else [(8192, 11008), (8192, 4096)]
-SOLVE_DIMS = [1536, 4096] if CPU else [4096, 11008]
+# (n rows, d): CPU sizes stay in seconds; GPU sizes are Llama-2-7B's (d_ff 11008, hidden 4096).
+# FASTROME_BENCH_SIZES=llama7b runs Llama-2-7B's sizes on the CPU too (fewer rows per batch).
+LLAMA7B = not CPU or os.environ.get("FASTROME_BENCH_SIZES") == "llama7b"
+MOMENT_SHAPES = [(8192 if not CPU else 512, 11008), (8192 if not CPU else 512, 4096)] if LLAMA7B else [
+    (4096, 1536), (2048, 4096)]
+SOLVE_DIMS = [4096, 11008] if LLAMA7B else [1536, 4096]
 WRITE_SHAPES = [(576, 1536), (4096, 11008)]
 
 
@@ -71,8 +76,11 @@ def test_second_moment(timed, impl, n, d):
 @pytest.mark.parametrize("impl", backends("solve_keys") + ["torch cholesky_solve fp64", "torch inverse mv fp64"])
 def test_solve(timed, impl, d):
     g = gen()
-    a = torch.randn(d, 2 * d, device=DEVICE, dtype=torch.float64, generator=g) / (2 * d) ** 0.5
-    c = a @ a.t() + 1e-3 * torch.eye(d, device=DEVICE, dtype=torch.float64)
+    # a well-conditioned SPD C; at Llama sizes on a CPU from fewer columns (a d×2d fp64 product there
+    # takes minutes; the timed ops do not depend on C's spectrum)
+    cols = 2 * d if (not CPU or d <= 4096) else 256
+    a = torch.randn(d, cols, device=DEVICE, dtype=torch.float64, generator=g) / cols ** 0.5
+    c = a @ a.t() + (1e-3 if cols >= d else 1.0) * torch.eye(d, device=DEVICE, dtype=torch.float64)
     L = torch.linalg.cholesky(c)
     inv = torch.cholesky_inverse(L)
     k = torch.randn(d, device=DEVICE, generator=g)
