@@ -17,8 +17,8 @@ FAST_DTYPE = torch.float32 if CPU else torch.bfloat16  # the GEMM ceiling's dtyp
 # (n rows, d): CPU sizes stay in seconds; GPU sizes are Llama-2-7B's (d_ff 11008, hidden 4096).
 # FASTROME_BENCH_SIZES=llama7b runs Llama-2-7B's sizes on the CPU too (fewer rows per batch).
 LLAMA7B = not CPU or os.environ.get("FASTROME_BENCH_SIZES") == "llama7b"
-MOMENT_SHAPES = [(8192 if not CPU else 512, 11008), (8192 if not CPU else 512, 4096)] if LLAMA7B else [
-    (4096, 1536), (2048, 4096)]
+ROWS = 512 if CPU else 8192
+MOMENT_SHAPES = [(ROWS, 11008), (ROWS, 4096)] if LLAMA7B else [(4096, 1536), (2048, 4096)]
 SOLVE_DIMS = [4096, 11008] if LLAMA7B else [1536, 4096]
 WRITE_SHAPES = [(576, 1536), (4096, 11008)]
 
