@@ -28,7 +28,9 @@ PYEOF
 echo "[floors] torch==$TORCH_FLOOR transformers==$TRANSFORMERS_FLOOR in $WORK/venv"
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
-printf 'torch==%s\ntransformers==%s\n' "$TORCH_FLOOR" "$TRANSFORMERS_FLOOR" >"$WORK/floors.txt"
+# numpy<2.4: the Triton that the floor torch pins (3.4 for torch 2.8) has an interpreter that NumPy
+# 2.4 breaks (a one-element array used as a loop bound); with it the Triton kernel cases run here.
+printf 'torch==%s\ntransformers==%s\nnumpy<2.4\n' "$TORCH_FLOOR" "$TRANSFORMERS_FLOOR" >"$WORK/floors.txt"
 "$VPY" -m pip install -q -c "$WORK/floors.txt" torch transformers "setuptools>=77" wheel ninja
 # a regular (not editable) install: the tests below import the installed package, not the checkout,
 # so this build of the extension never replaces the checkout's own. pip builds in the source tree and

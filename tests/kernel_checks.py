@@ -256,7 +256,37 @@ def _import_triton_kernels() -> Tuple[Optional[str], tuple]:
     kernels = [v for m in modules for k, v in vars(m).items() if k.endswith("_kernel")]
     if not all(_interpreted(k) for k in kernels):
         return "the Triton kernel modules were imported uninterpreted before the kernel tests", ()
-    return None, modules
+    return _interpreter_why_not(), modules
+
+
+def _interpreter_why_not() -> Optional[str]:
+    """Runs a loop bounded by a kernel argument, as the kernels do, in the interpreter. Triton's
+    interpreter up to 3.5 turns a one-element array into a loop bound in a way NumPy 2.4 refuses,
+    so with that pair every Triton case would fail for a reason outside fastrome."""
+    import numpy
+    import triton
+    import triton.language as tl
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+
+        @triton.jit
+        def probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                tl.store(x_ptr + offs, offs.to(tl.float32), mask=offs < n)
+
+        x = torch.zeros(5)
+        try:
+            probe_kernel[(1,)](x, 5, BLOCK=4)
+        except Exception as exc:  # any failure of the interpreter itself
+            return (
+                f"the interpreter of Triton {triton.__version__} fails with NumPy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}); this Triton's interpreter needs numpy<2.4"
+            )
+    if not torch.equal(x, torch.arange(5.0)):
+        return f"the interpreter of Triton {triton.__version__} computed {x.tolist()} for [0, 1, 2, 3, 4]"
+    return None
 
 
 def _cpp_why_not() -> Optional[str]:
