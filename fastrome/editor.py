@@ -31,6 +31,7 @@ from fastrome.keys import capture_at, capture_residual
 from fastrome.memory import EditMemory
 from fastrome.peft_adapter import save_peft_adapter
 from fastrome.pretrained import read_pretrained, write_pretrained
+from fastrome.progress import show_progress
 from fastrome.projection import ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
@@ -407,7 +408,7 @@ class Editor:
 
         from tqdm.auto import tqdm
 
-        show = self.progress if self.progress is not None else _stderr_is_tty()
+        show = show_progress(self.progress)
         bar = tqdm(total=len(reqs), desc="editing", unit="edit", disable=not show)
         try:
             for chunk in _chunks(layers, batch_size):
@@ -676,12 +677,6 @@ def _chunks(layers: List[int], size: int) -> List[List[int]]:
         else:
             out.append([i])
     return out
-
-
-def _stderr_is_tty() -> bool:
-    import sys
-
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def edit(

@@ -26,6 +26,7 @@ from fastrome.adapter import ModelAdapter
 from fastrome.cache import write_safetensors
 from fastrome.corpus import Corpus, open_corpus
 from fastrome.keys import StopForward, input_device
+from fastrome.progress import show_progress
 from fastrome.stats.moment import (
     SecondMoment,
     check_sum,
@@ -321,7 +322,7 @@ def compute(
 
     from tqdm.auto import tqdm
 
-    show = (progress if progress is not None else _stderr_is_tty()) and rank == 0
+    show = show_progress(progress) and rank == 0
     desc = f"statistics L{','.join(map(str, layers))}" + (f" ×{world} ranks" if world > 1 else "")
     bar = tqdm(total=budget, initial=state.seen, unit="tok", unit_scale=True, desc=desc, disable=not show,
                dynamic_ncols=True)
@@ -411,11 +412,5 @@ def compute(
     if ckpt is not None and remove_checkpoint:
         ckpt.unlink(missing_ok=True)
     return out
-
-
-def _stderr_is_tty() -> bool:
-    import sys
-
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
