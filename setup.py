@@ -1,9 +1,10 @@
 """Build of fastrome's two compiled extensions.
 
-- ``fastrome._C``: the op schemas (``torch.ops.fastrome_C``) and the C++ CPU kernels. Built whenever
+- ``fastrome._C``: the C++ CPU kernels, as plain functions (the ops, ``torch.ops.fastrome``, are
+  declared in ``fastrome/ops.py``, whose CPU kernel calls them). Built whenever
   torch is importable at build time (install with ``pip install --no-build-isolation``, so the
   build sees the torch you already have instead of downloading another one).
-- ``fastrome._C_cuda``: the CUDA kernels, registered under the same op names for CUDA tensors.
+- ``fastrome._C_cuda``: the CUDA kernels, likewise (called by the ops' CUDA kernel).
   Built when a CUDA toolkit and a CUDA build of torch are both present. It is a separate
   extension so that a failed CUDA compile never takes the CPU kernels with it.
 

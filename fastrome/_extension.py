@@ -1,9 +1,11 @@
 """Loads fastrome's compiled extensions if they were built; importing fastrome never needs them.
 
-- ``fastrome._C`` defines the ``torch.ops.fastrome_C`` ops and registers their C++ CPU kernels.
-- ``fastrome._C_cuda`` registers the CUDA kernels of the same ops. It is built and loaded apart
-  from ``_C``, so a CUDA build that failed, or a CUDA runtime missing here, leaves the CPU kernels
-  served.
+- ``fastrome._C``: the C++ CPU kernels of the four ops, as plain functions.
+- ``fastrome._C_cuda``: their CUDA kernels. It is built and loaded apart from ``_C``, so a CUDA
+  build that failed, or a CUDA runtime missing here, leaves the CPU kernels served.
+
+The ops themselves are declared once, in :mod:`fastrome.ops` (``torch.ops.fastrome``), whose kernel
+calls these functions for the backend it picks.
 """
 
 from __future__ import annotations
@@ -30,10 +32,18 @@ def _cpu() -> tuple:
 
 
 def _cuda() -> tuple:
-    if _cpu()[0] is None:  # the schemas live in _C: without it there is nothing to register under
-        return None, f"fastrome._C is not loaded ({_cpu()[1]})"
     _import("fastrome._C_cuda")
     return _state["fastrome._C_cuda"]
+
+
+def cpu_kernels() -> Optional[Any]:
+    """The module ``fastrome._C`` (the C++ CPU kernels), or None when it is not loaded."""
+    return _cpu()[0]
+
+
+def cuda_kernels() -> Optional[Any]:
+    """The module ``fastrome._C_cuda`` (the CUDA kernels), or None when it is not loaded."""
+    return _cuda()[0]
 
 
 def load_error() -> Optional[str]:

@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -72,16 +72,15 @@ def _reference_rank_one_update(weight, u, lam, denom, min_denom, master):
     return reference.rank_one_update(weight, u, lam, denom=denom, min_denom=min_denom, master=master)
 
 
-def _compiled_impls() -> Dict[str, Callable]:
-    # One op library for the C++ CPU (fastrome._C) and the CUDA (fastrome._C_cuda) kernels: the
-    # dispatcher routes by device.
-    lib = torch.ops.fastrome_C
-    return {
-        "second_moment_accumulate": lib.second_moment_accumulate,
-        "solve_keys": lib.solve_keys,
-        "rank_one_update": lib.rank_one_update,
-        "symmetric_rank_one_update": lib.symmetric_rank_one_update,
-    }
+def _compiled_impls(module: Callable[[], object]) -> Callable[[], Dict[str, Callable]]:
+    """The four kernels of a compiled extension module (plain functions, not ops of their own: the
+    one op namespace is ``torch.ops.fastrome``, declared below)."""
+
+    def impls() -> Dict[str, Callable]:
+        loaded = module()
+        return {op: getattr(loaded, op) for op in OPS} if loaded is not None else {}
+
+    return impls
 
 
 def _cpp_unavailable() -> Optional[str]:
@@ -95,9 +94,6 @@ def _cpp_unavailable() -> Optional[str]:
 
 
 def _cuda_unavailable() -> Optional[str]:
-    why = _cpp_unavailable()
-    if why is not None:
-        return why
     err = _extension.cuda_load_error()
     if err is not None:
         return (
@@ -145,8 +141,8 @@ def _triton_devices() -> Tuple[str, ...]:
 
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", lambda: ("*",), _reference_impls, lambda: None),
-    "cpp": Backend("cpp", lambda: ("cpu",), _compiled_impls, _cpp_unavailable),
-    "cuda": Backend("cuda", lambda: ("cuda",), _compiled_impls, _cuda_unavailable),
+    "cpp": Backend("cpp", lambda: ("cpu",), _compiled_impls(_extension.cpu_kernels), _cpp_unavailable),
+    "cuda": Backend("cuda", lambda: ("cuda",), _compiled_impls(_extension.cuda_kernels), _cuda_unavailable),
     "triton": Backend(
         "triton", _triton_devices, _triton_impls, _triton_unavailable,
         device_note="Triton kernels run on CUDA tensors, and on CPU tensors only in Triton's interpreter "
@@ -258,8 +254,24 @@ def backend_table(devices: Optional[Sequence[str]] = None) -> List[Dict[str, str
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration
+# torch.library registration: one namespace, each op declared once, one kernel per device
 # ----------------------------------------------------------------------------------------------
+#
+# The declaration's own body serves any device without a kernel of its own (the reference, unless
+# a backend is forced); the CPU and CUDA kernels run the backend that device's preference picks,
+# calling the compiled kernels as plain functions of fastrome._C / fastrome._C_cuda.
+
+
+def _serve(op: str) -> Callable:
+    def kernel(first: Tensor, *rest):
+        return _impl(op, first.device)(first, *rest)
+
+    return kernel
+
+
+def _register_device_kernels(custom: Any, op: str) -> None:
+    for device_type in ("cpu", "cuda"):
+        custom.register_kernel(device_type, _serve(op))
 
 
 @torch.library.custom_op("fastrome::second_moment_accumulate", mutates_args=("acc",))
@@ -305,6 +317,12 @@ def _symmetric_rank_one_update_op(
 @_symmetric_rank_one_update_op.register_fake
 def _(inverse, u, beta, denom, min_denom):
     return inverse.new_empty((), dtype=torch.bool)
+
+
+for _op, _custom in zip(
+    OPS, (_second_moment_accumulate_op, _solve_keys_op, _rank_one_update_op, _symmetric_rank_one_update_op)
+):
+    _register_device_kernels(_custom, _op)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from kernel_checks import (
     symmetric_update_bounds,
 )
 
-from fastrome import ops
+from fastrome import _extension, ops
 
 # Guard tests feed NaN/Inf and fp32-overflowing values on purpose; numpy, which runs the
 # interpreted Triton kernels, warns about them.
@@ -1211,7 +1211,10 @@ def test_opcheck(backend, g, op):
 @pytest.mark.parametrize("op", ops.OPS)
 @only("cuda")
 def test_cuda_kernel_registered(backend, op):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome_C::{op}", "CUDA")
+    """One op namespace: torch.ops.fastrome has a CUDA kernel, which serves the compiled CUDA kernel."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome::{op}", "CUDA")
+    assert callable(getattr(_extension.cuda_kernels(), op))
+    assert ops.select_backend(op, backend.device) == "cuda"
 
 
 @only("cuda")
@@ -1243,7 +1246,7 @@ def test_no_host_sync(backend, g):
 
 
 def _raw_cases(dev):
-    raw, cpu = torch.ops.fastrome_C, torch.device("cpu")
+    raw, cpu = _extension.cuda_kernels(), torch.device("cpu")
     acc, x = torch.eye(4, device=dev), torch.ones(3, 4, device=dev)
     inv, k = torch.eye(4, dtype=torch.float64, device=dev), torch.ones(4, device=dev)
     w, u, lam = torch.zeros(3, 4, device=dev), torch.ones(4, device=dev), torch.ones(3, device=dev)

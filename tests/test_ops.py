@@ -386,6 +386,18 @@ def test_ops_registered_with_mutation_schema():
         assert written == want, (op, written)
 
 
+def test_one_op_namespace_with_a_kernel_per_device():
+    """Each op is declared once, under torch.ops.fastrome, with its own CPU and CUDA kernel; the
+    compiled kernels are plain functions of the extension modules, not ops of another namespace."""
+    for op in ops.OPS:
+        for key in ("CPU", "CUDA", "Meta"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome::{op}", key), (op, key)
+        with pytest.raises(RuntimeError):
+            torch._C._dispatch_find_schema_or_throw(f"fastrome_C::{op}", "")
+        if _extension.cpu_kernels() is not None:
+            assert callable(getattr(_extension.cpu_kernels(), op)), op
+
+
 def test_fake_tensors_on_meta_device():
     """The fake implementations give the shapes/dtypes of the real ones (meta tensors use them)."""
     u, denom = ops.solve_keys(torch.eye(4, device=META), torch.ones(3, 4, dtype=torch.bfloat16, device=META))

@@ -5,12 +5,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace fastrome {
 namespace {
@@ -63,6 +63,9 @@ void write(w_t* w, int64_t wsa, int64_t wsb, c_t* m, int64_t msa, int64_t msb, c
   });
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 at::Tensor rank_one_update_cpu(at::Tensor weight, const at::Tensor& u, const at::Tensor& lam, const at::Tensor& denom,
                                const at::Tensor& min_denom, const c10::optional<at::Tensor>& master) {
   const at::Device cpu(at::kCPU);
@@ -129,12 +132,6 @@ at::Tensor rank_one_update_cpu(at::Tensor weight, const at::Tensor& u, const at:
     });
   });
   return flag(true);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrome_C, CPU, m) {
-  m.impl("rank_one_update", &rank_one_update_cpu);
 }
 
 }  // namespace fastrome

@@ -5,13 +5,13 @@
 // the heavy work stays in the BLAS.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace fastrome {
 namespace {
@@ -19,6 +19,9 @@ namespace {
 constexpr int64_t kTile = 256;
 constexpr int64_t kChunkRows = 4096;
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 void second_moment_accumulate_cpu(at::Tensor acc, const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
   FASTROME_CHECK(acc.dim() == 2 && acc.size(0) == acc.size(1), "acc: expected a square matrix, got sizes ",
                  acc.sizes());
@@ -87,12 +90,6 @@ void second_moment_accumulate_cpu(at::Tensor acc, const at::Tensor& x, const c10
       acc.narrow(0, j0, lj).narrow(1, i0, li).copy_(acc.narrow(0, i0, li).narrow(1, j0, lj).t());
     }
   });
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrome_C, CPU, m) {
-  m.impl("second_moment_accumulate", &second_moment_accumulate_cpu);
 }
 
 }  // namespace fastrome

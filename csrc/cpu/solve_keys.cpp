@@ -5,13 +5,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <vector>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace fastrome {
 namespace {
@@ -53,6 +53,9 @@ void solve_one(const a_t* A, int64_t d, const double* k, o_t* u_out, o_t* denom_
   *denom_out = static_cast<o_t>(denom);
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 std::tuple<at::Tensor, at::Tensor> solve_keys_cpu(const at::Tensor& inverse, const at::Tensor& k) {
   const at::Device cpu(at::kCPU);
   FASTROME_CHECK(inverse.dim() == 2 && inverse.size(0) == inverse.size(1) &&
@@ -89,12 +92,6 @@ std::tuple<at::Tensor, at::Tensor> solve_keys_cpu(const at::Tensor& inverse, con
     return {U.squeeze(0), D.squeeze(0)};
   }
   return {U, D};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrome_C, CPU, m) {
-  m.impl("solve_keys", &solve_keys_cpu);
 }
 
 }  // namespace fastrome

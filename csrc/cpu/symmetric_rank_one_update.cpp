@@ -14,13 +14,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 
 #include "../checks.h"
+#include "../kernels.h"
 
 namespace fastrome {
 namespace {
@@ -73,6 +73,9 @@ void write(c_t* m, int64_t sa, int64_t sb, const c_t* __restrict__ u, int64_t d,
   });
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 at::Tensor symmetric_rank_one_update_cpu(at::Tensor inverse, const at::Tensor& u, const at::Tensor& beta,
                                          const at::Tensor& denom, const at::Tensor& min_denom) {
   const at::Device cpu(at::kCPU);
@@ -126,12 +129,6 @@ at::Tensor symmetric_rank_one_update_cpu(at::Tensor inverse, const at::Tensor& u
     }
   });
   return flag(ok);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastrome_C, CPU, m) {
-  m.impl("symmetric_rank_one_update", &symmetric_rank_one_update_cpu);
 }
 
 }  // namespace fastrome

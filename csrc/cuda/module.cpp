@@ -1,9 +1,11 @@
-// The Python module fastrome._C_cuda: loading it registers the CUDA kernels of cuda/*.cu under the
-// fastrome_C op names (fastrome._C defines the schemas and is loaded first).
+// The Python module fastrome._C_cuda: the CUDA kernels of cuda/*.cu as plain functions. fastrome/ops.py
+// declares the ops (torch.ops.fastrome) and registers the CUDA kernel that calls these.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
 #include <string>
+
+#include "../bind.h"
 
 #ifndef FASTROME_CUDA_ARCH_LIST
 #define FASTROME_CUDA_ARCH_LIST "unknown"
@@ -23,6 +25,8 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastrome CUDA kernels (registered for CUDA tensors under torch.ops.fastrome_C)";
+  m.doc() = "fastrome CUDA kernels (served through torch.ops.fastrome)";
   m.def("build_info", &build_info, "What this extension was built with.");
+  fastrome::bind_kernels(m, &fastrome::cuda::second_moment_accumulate_cuda, &fastrome::cuda::solve_keys_cuda,
+                         &fastrome::cuda::rank_one_update_cuda, &fastrome::cuda::symmetric_rank_one_update_cuda);
 }

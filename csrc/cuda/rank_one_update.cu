@@ -12,10 +12,10 @@
 // so a GPT-2 Conv1D weight passed as w.t() is written along its rows too) and is bandwidth bound:
 // 16-byte vector accesses when rows are contiguous and aligned, else a strided element path.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 
+#include "../kernels.h"
 #include "common.cuh"
 
 namespace fastrome {
@@ -165,6 +165,9 @@ void launch_write(cudaStream_t stream, const bool* flag, at::Tensor& weight, c_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 at::Tensor rank_one_update_cuda(at::Tensor weight, const at::Tensor& u, const at::Tensor& lam, const at::Tensor& denom,
                                 const at::Tensor& min_denom, const c10::optional<at::Tensor>& master) {
   FASTROME_CHECK(weight.dim() == 2 && is_float_type(weight.scalar_type()),
@@ -231,11 +234,6 @@ at::Tensor rank_one_update_cuda(at::Tensor weight, const at::Tensor& u, const at
   return flag;
 }
 
-}  // namespace
 }  // namespace cuda
-
-TORCH_LIBRARY_IMPL(fastrome_C, CUDA, m) {
-  m.impl("rank_one_update", &cuda::rank_one_update_cuda);
-}
 
 }  // namespace fastrome

@@ -28,11 +28,11 @@
 //   not leak in as 0·Inf).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
 
+#include "../kernels.h"
 #include "common.cuh"
 
 namespace fastrome {
@@ -107,6 +107,9 @@ bool blas_ready(const at::Tensor& t) {
          (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(n, 1));
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 void second_moment_accumulate_cuda(at::Tensor acc, const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
   FASTROME_CHECK(acc.dim() == 2 && acc.size(0) == acc.size(1), "acc: expected a square matrix, got sizes ",
                  acc.sizes());
@@ -188,11 +191,6 @@ void second_moment_accumulate_cuda(at::Tensor acc, const at::Tensor& x, const c1
   }
 }
 
-}  // namespace
 }  // namespace cuda
-
-TORCH_LIBRARY_IMPL(fastrome_C, CUDA, m) {
-  m.impl("second_moment_accumulate", &cuda::second_moment_accumulate_cuda);
-}
 
 }  // namespace fastrome

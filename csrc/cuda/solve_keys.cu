@@ -18,11 +18,11 @@
 //   stream; k (b·d elements, shared by all rows) is re-read from L1/L2. A single key uses a
 //   one-key instantiation with no idle accumulators.
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
+#include "../kernels.h"
 #include "common.cuh"
 
 namespace fastrome {
@@ -154,6 +154,9 @@ void launch_rows(cudaStream_t stream, const a_t* A, int64_t d, const o_t* K, int
   }
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 std::tuple<at::Tensor, at::Tensor> solve_keys_cuda(const at::Tensor& inverse, const at::Tensor& k) {
   FASTROME_CHECK(inverse.dim() == 2 && inverse.size(0) == inverse.size(1) &&
                      (inverse.scalar_type() == at::kFloat || inverse.scalar_type() == at::kDouble),
@@ -211,11 +214,6 @@ std::tuple<at::Tensor, at::Tensor> solve_keys_cuda(const at::Tensor& inverse, co
   return {U, D};
 }
 
-}  // namespace
 }  // namespace cuda
-
-TORCH_LIBRARY_IMPL(fastrome_C, CUDA, m) {
-  m.impl("solve_keys", &cuda::solve_keys_cuda);
-}
 
 }  // namespace fastrome

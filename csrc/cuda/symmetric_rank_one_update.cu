@@ -19,10 +19,10 @@
 // so (a, b) and (b, a) get the same bits and an exactly symmetric matrix stays exactly symmetric;
 // the results also equal the reference's bit for bit (and the CPU kernel's as setup.py builds it).
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 
+#include "../kernels.h"
 #include "common.cuh"
 
 namespace fastrome {
@@ -154,6 +154,9 @@ void launch_write(cudaStream_t stream, const bool* flag, at::Tensor& inverse, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// Declared in kernels.h; bound by the extension module.
 at::Tensor symmetric_rank_one_update_cuda(at::Tensor inverse, const at::Tensor& u, const at::Tensor& beta,
                                           const at::Tensor& denom, const at::Tensor& min_denom) {
   FASTROME_CHECK(inverse.dim() == 2 && inverse.size(0) == inverse.size(1) &&
@@ -199,11 +202,6 @@ at::Tensor symmetric_rank_one_update_cuda(at::Tensor inverse, const at::Tensor& 
   return flag;
 }
 
-}  // namespace
 }  // namespace cuda
-
-TORCH_LIBRARY_IMPL(fastrome_C, CUDA, m) {
-  m.impl("symmetric_rank_one_update", &cuda::symmetric_rank_one_update_cuda);
-}
 
 }  // namespace fastrome
