@@ -69,16 +69,9 @@ void write(w_t* w, int64_t wsa, int64_t wsb, c_t* m, int64_t msa, int64_t msb, c
 at::Tensor rank_one_update_cpu(at::Tensor weight, const at::Tensor& u, const at::Tensor& lam, const at::Tensor& denom,
                                const at::Tensor& min_denom, const c10::optional<at::Tensor>& master) {
   const at::Device cpu(at::kCPU);
-  FASTROME_CHECK(weight.dim() == 2 && is_float_type(weight.scalar_type()),
-                 "weight: expected a 2-D floating-point tensor, got ", weight.scalar_type(), " ", weight.sizes());
+  check_rank_one_update_args(weight, u, lam, denom, min_denom);
   const int64_t d_out = weight.size(0);
   const int64_t d_in = weight.size(1);
-  FASTROME_CHECK(u.dim() == 1 && u.size(0) == d_in && is_float_type(u.scalar_type()), "u: expected (", d_in,
-                 ",) floating point, got ", u.scalar_type(), " ", u.sizes());
-  FASTROME_CHECK(lam.dim() == 1 && lam.size(0) == d_out && is_float_type(lam.scalar_type()), "lam: expected (",
-                 d_out, ",) floating point, got ", lam.scalar_type(), " ", lam.sizes());
-  FASTROME_CHECK(denom.numel() == 1 && min_denom.numel() == 1, "denom and min_denom: expected scalars, got ",
-                 denom.sizes(), " and ", min_denom.sizes());
   check_device(weight, "weight", cpu);
   check_device(u, "u", cpu);
   check_device(lam, "lam", cpu);

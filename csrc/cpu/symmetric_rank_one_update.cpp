@@ -79,20 +79,8 @@ void write(c_t* m, int64_t sa, int64_t sb, const c_t* __restrict__ u, int64_t d,
 at::Tensor symmetric_rank_one_update_cpu(at::Tensor inverse, const at::Tensor& u, const at::Tensor& beta,
                                          const at::Tensor& denom, const at::Tensor& min_denom) {
   const at::Device cpu(at::kCPU);
-  FASTROME_CHECK(inverse.dim() == 2 && inverse.size(0) == inverse.size(1) &&
-                     (inverse.scalar_type() == at::kFloat || inverse.scalar_type() == at::kDouble),
-                 "inverse: expected a square float32/float64 matrix, got ", inverse.scalar_type(), " ",
-                 inverse.sizes());
+  check_symmetric_update_args(inverse, u, beta, denom, min_denom);
   const int64_t d = inverse.size(0);
-  FASTROME_CHECK(u.dim() == 1 && u.size(0) == d && is_float_type(u.scalar_type()), "u: expected (", d,
-                 ",) floating point, got ", u.scalar_type(), " ", u.sizes());
-  FASTROME_CHECK(beta.numel() == 1 && denom.numel() == 1 && min_denom.numel() == 1,
-                 "beta, denom and min_denom: expected scalars, got ", beta.sizes(), ", ", denom.sizes(), " and ",
-                 min_denom.sizes());
-  FASTROME_CHECK(is_float_type(beta.scalar_type()) && is_float_type(denom.scalar_type()) &&
-                     is_float_type(min_denom.scalar_type()),
-                 "beta, denom and min_denom: expected floating-point scalars, got ", beta.scalar_type(), ", ",
-                 denom.scalar_type(), " and ", min_denom.scalar_type());
   check_device(inverse, "inverse", cpu);
   check_device(u, "u", cpu);
   check_device(beta, "beta", cpu);

@@ -159,20 +159,8 @@ void launch_write(cudaStream_t stream, const bool* flag, at::Tensor& inverse, co
 // Declared in kernels.h; bound by the extension module.
 at::Tensor symmetric_rank_one_update_cuda(at::Tensor inverse, const at::Tensor& u, const at::Tensor& beta,
                                           const at::Tensor& denom, const at::Tensor& min_denom) {
-  FASTROME_CHECK(inverse.dim() == 2 && inverse.size(0) == inverse.size(1) &&
-                     (inverse.scalar_type() == at::kFloat || inverse.scalar_type() == at::kDouble),
-                 "inverse: expected a square float32/float64 matrix, got ", inverse.scalar_type(), " ",
-                 inverse.sizes());
+  check_symmetric_update_args(inverse, u, beta, denom, min_denom);
   const int64_t d = inverse.size(0);
-  FASTROME_CHECK(u.dim() == 1 && u.size(0) == d && is_float_type(u.scalar_type()), "u: expected (", d,
-                 ",) floating point, got ", u.scalar_type(), " ", u.sizes());
-  FASTROME_CHECK(beta.numel() == 1 && denom.numel() == 1 && min_denom.numel() == 1,
-                 "beta, denom and min_denom: expected scalars, got ", beta.sizes(), ", ", denom.sizes(), " and ",
-                 min_denom.sizes());
-  FASTROME_CHECK(is_float_type(beta.scalar_type()) && is_float_type(denom.scalar_type()) &&
-                     is_float_type(min_denom.scalar_type()),
-                 "beta, denom and min_denom: expected floating-point scalars, got ", beta.scalar_type(), ", ",
-                 denom.scalar_type(), " and ", min_denom.scalar_type());
   const at::Device device = inverse.device();
   check_on(inverse, "inverse", device);
   check_on(u, "u", device);
