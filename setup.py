@@ -1,10 +1,10 @@
 """Build of fastrome's two compiled extensions.
 
 - ``fastrome._C``: the C++ CPU kernels, as plain functions (the ops, ``torch.ops.fastrome``, are
-  declared in ``fastrome/ops.py``, whose CPU kernel calls them). Built whenever
+  declared in ``fastrome/ops.py``, which calls them for CPU tensors). Built whenever
   torch is importable at build time (install with ``pip install --no-build-isolation``, so the
   build sees the torch you already have instead of downloading another one).
-- ``fastrome._C_cuda``: the CUDA kernels, likewise (called by the ops' CUDA kernel).
+- ``fastrome._C_cuda``: the CUDA kernels, likewise (called by the ops for CUDA tensors).
   Built when a CUDA toolkit and a CUDA build of torch are both present. It is a separate
   extension so that a failed CUDA compile never takes the CPU kernels with it.
 

@@ -1,5 +1,5 @@
 // The Python module fastrome._C: the C++ CPU kernels (cpu/) as plain functions. fastrome/ops.py
-// declares the ops (torch.ops.fastrome) and registers the CPU kernel that calls these.
+// declares the ops (torch.ops.fastrome) and calls these for CPU tensors.
 #include <torch/extension.h>
 
 #include <string>

@@ -1,7 +1,7 @@
 // The compiled kernels of the four ops, one function per op and device. The extension modules bind
 // them as plain functions (fastrome._C: cpu, fastrome._C_cuda: cuda); the one op namespace,
-// torch.ops.fastrome, is declared in Python (fastrome/ops.py), which registers one kernel per device
-// that calls these. Argument errors raise ValueError in Python (checks.h).
+// torch.ops.fastrome, is declared in Python (fastrome/ops.py), whose one kernel per op calls these for
+// the backend it picks. Argument errors raise ValueError in Python (checks.h).
 #pragma once
 
 #include <ATen/ATen.h>

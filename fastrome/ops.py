@@ -20,7 +20,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -254,24 +254,12 @@ def backend_table(devices: Optional[Sequence[str]] = None) -> List[Dict[str, str
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library registration: one namespace, each op declared once, one kernel per device
+# torch.library registration: one namespace, each op declared once
 # ----------------------------------------------------------------------------------------------
 #
-# The declaration's own body serves any device without a kernel of its own (the reference, unless
-# a backend is forced); the CPU and CUDA kernels run the backend that device's preference picks,
-# calling the compiled kernels as plain functions of fastrome._C / fastrome._C_cuda.
-
-
-def _serve(op: str) -> Callable:
-    def kernel(first: Tensor, *rest):
-        return _impl(op, first.device)(first, *rest)
-
-    return kernel
-
-
-def _register_device_kernels(custom: Any, op: str) -> None:
-    for device_type in ("cpu", "cuda"):
-        custom.register_kernel(device_type, _serve(op))
+# Each declaration's body is the op's one kernel, for every device: it runs the backend that the
+# tensors' device's preference picks (or the forced one), calling the compiled kernels as plain
+# functions of fastrome._C / fastrome._C_cuda.
 
 
 @torch.library.custom_op("fastrome::second_moment_accumulate", mutates_args=("acc",))
@@ -317,12 +305,6 @@ def _symmetric_rank_one_update_op(
 @_symmetric_rank_one_update_op.register_fake
 def _(inverse, u, beta, denom, min_denom):
     return inverse.new_empty((), dtype=torch.bool)
-
-
-for _op, _custom in zip(
-    OPS, (_second_moment_accumulate_op, _solve_keys_op, _rank_one_update_op, _symmetric_rank_one_update_op)
-):
-    _register_device_kernels(_custom, _op)
 
 
 # ----------------------------------------------------------------------------------------------

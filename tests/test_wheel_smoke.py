@@ -96,9 +96,9 @@ def test_cuda_extension_is_installed_beside_the_cpu_kernels():
     assert _extension.cuda_load_error() is None, _extension.cuda_load_error()
     info = _extension.build_info()
     assert info["cuda"] is True and info["cuda_build"]["cuda_arch"], info
-    for op in ops.OPS:  # one op per name with a CPU and a CUDA kernel; both compiled kernel sets loaded
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome::{op}", "CUDA"), op
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastrome::{op}", "CPU"), op
+    for op in ops.OPS:  # one op per name with a kernel for CPU and CUDA tensors; both compiled kernel sets loaded
+        assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"fastrome::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"fastrome::{op}", "CPU"), op
         assert callable(getattr(_extension.cuda_kernels(), op)), op
         assert callable(getattr(_extension.cpu_kernels(), op)), op
     assert ops.select_backend("symmetric_rank_one_update", torch.device("cpu")) == "cpp"

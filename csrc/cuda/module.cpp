@@ -1,5 +1,5 @@
 // The Python module fastrome._C_cuda: the CUDA kernels of cuda/*.cu as plain functions. fastrome/ops.py
-// declares the ops (torch.ops.fastrome) and registers the CUDA kernel that calls these.
+// declares the ops (torch.ops.fastrome) and calls these for CUDA tensors.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
