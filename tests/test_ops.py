@@ -399,6 +399,24 @@ def test_one_op_namespace_with_a_kernel_for_each_device():
             assert callable(getattr(_extension.cpu_kernels(), op)), op
 
 
+@pytest.mark.skipif(_extension.cpu_kernels() is None, reason="the C++ extension fastrome._C is not built")
+def test_cpu_kernels_check_the_shared_arguments_before_writing():
+    """The C++ guarded writes refuse what the CUDA ones refuse (csrc/checks.h), leaving the matrix as it was."""
+    cpp = _extension.cpu_kernels()
+    w, u, lam = torch.zeros(3, 4), torch.ones(4), torch.ones(3)
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    with pytest.raises(ValueError, match="denom and min_denom: expected floating-point scalars"):
+        cpp.rank_one_update(w, u, lam, torch.tensor(1), zero, None)
+    with pytest.raises(ValueError, match=re.escape("lam: expected (3,) floating point")):
+        cpp.rank_one_update(w, u, torch.ones(4), one, zero, None)
+    inverse = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="beta, denom and min_denom: expected floating-point scalars"):
+        cpp.symmetric_rank_one_update(inverse, u, torch.tensor(1), one, zero)
+    with pytest.raises(ValueError, match=re.escape("u: expected (4,) floating point")):
+        cpp.symmetric_rank_one_update(inverse, torch.ones(5), one, one, zero)
+    assert torch.equal(w, torch.zeros(3, 4)) and torch.equal(inverse, torch.eye(4, dtype=torch.float64))
+
+
 def test_fake_tensors_on_meta_device():
     """The fake implementations give the shapes/dtypes of the real ones (meta tensors use them)."""
     u, denom = ops.solve_keys(torch.eye(4, device=META), torch.ones(3, 4, dtype=torch.bfloat16, device=META))
