@@ -28,7 +28,7 @@ from fastrome.guards import EditRefused
 from fastrome.history import EditHistory, edit_memory
 from fastrome.journal import Journal, JournalEntry
 from fastrome.keys import capture_at, capture_residual
-from fastrome.memory import EditMemory
+from fastrome.memory import EditMemory, base_precision
 from fastrome.peft_adapter import save_peft_adapter
 from fastrome.pretrained import read_pretrained, write_pretrained
 from fastrome.progress import show_progress
@@ -206,7 +206,10 @@ class Editor:
         layer = self.layer if layer is None else layer
         self._ensure_solvers([layer])
         solver = self._solvers[layer]
-        memory = f"; edit memory β {solver.beta:g}" if edit_memory(self._solvers, layer) is not None else ""
+        held = edit_memory(self._solvers, layer)
+        memory = f"; edit memory β {held.beta:g}" if held is not None else ""
+        if held is not None and held.base.inverse.dtype == torch.float32:
+            memory += " (statistics' inverse kept in fp32)"
         if solver.identity:
             return self._stats_source[layer] + memory
         return f"{self._stats_source[layer]}; ridge {solver.ridge:.3g}, cond₁ {solver.condition:.3g}{memory}"
@@ -280,7 +283,11 @@ class Editor:
         if self.config.null_space > 0:  # C = sum / count is a d×d tensor of its own: only when needed
             self._note_projector(layer, sm.matrix)
         return sm.solver(self.config.ridge + self.config.norm_alpha, device=self.adapter.device(layer),
-                         consume=consume)
+                         precision=self._base_precision(sm.dim), consume=consume)
+
+    def _base_precision(self, dim: int) -> str:
+        """Under an edit memory the statistics' inverse only restarts it: at large d it is kept in fp32."""
+        return base_precision(dim) if self.config.memory_beta > 0 else "float64"
 
     def _note_projector(self, layer: int, C: Tensor) -> None:
         """With null-space projection on, its projector from ``C`` (kept until the solver is wrapped)."""
@@ -309,7 +316,8 @@ class Editor:
                 raise ValueError(f"stats: expected a ({d}, {d}) matrix C for layer {layer}, got {tuple(spec.shape)}")
             self._note_projector(layer, spec)
             return CovarianceSolver(spec, relative_ridge=self.config.ridge + self.config.norm_alpha, device=device,
-                                    source=f"stats[{layer}] (user-supplied C)"), "user-supplied C"
+                                    precision=self._base_precision(d), source=f"stats[{layer}] (user-supplied C)"), \
+                "user-supplied C"
         if isinstance(spec, (str, os.PathLike)) and statistics_file_kind(spec) == "rome-npz":
             sm = load_rome_npz(spec, layer=layer)
             sm.check(layer=layer, dim=d, model_fingerprint=None, source=str(spec))

@@ -33,11 +33,26 @@ SNAPSHOT_EVERY = 32  # keys between the copies of A⁻¹ that undo restarts from
 SNAPSHOT_MAX_BYTES = 1 << 28
 
 
+def base_precision(dim: int) -> str:
+    """The dtype the statistics' own inverse is kept in under an edit memory of dimension ``dim``.
+
+    ``"float64"`` while a d×d fp64 matrix costs at most :data:`SNAPSHOT_MAX_BYTES`; ``"float32"``
+    beyond (Llama-7B's d = 11,008 and up). The memory always holds its own fp64 ``A⁻¹`` for the
+    updates, so the base is then only the restart point of refactorisations and rebuilds, and
+    keeping it in fp32 saves half a d×d fp64 buffer (0.82 GB at d = 14,336) for the whole run. Its
+    rounding (about 1e-6 relative on ``u``, ``benches/solve_options.py``) enters the first edits and
+    every refactorisation alike, so resume and undo still rebuild ``A⁻¹`` bit for bit; the edits stay
+    exact at their keys, since ``Λ`` is computed with the ``u`` actually used.
+    """
+    return "float64" if dim * dim * 8 <= SNAPSHOT_MAX_BYTES else "float32"
+
+
 class EditMemory:
     """A solver over the statistics plus the keys of the edits applied so far at one layer.
 
     Args:
-        base: the layer's :class:`CovarianceSolver` (``(C + ridge·I)⁻¹``, fp64), kept unchanged.
+        base: the layer's :class:`CovarianceSolver` (``(C + ridge·I)⁻¹``, fp64, or fp32 at the sizes
+            where :func:`base_precision` says so), kept unchanged.
         beta: weight of each remembered key (> 0), on the scale of ``C = E[kkᵀ]``: one key counts
             like a ``β`` share of all of ordinary text, so ``β·k̄ᵀC⁻¹k̄`` (≈ β·d for a typical key)
             says how hard an earlier edit is held against everything else.
@@ -47,7 +62,7 @@ class EditMemory:
     ``ridge``, ``condition``), and :meth:`add` / :meth:`rebuild` / :meth:`forget_last` for the keys.
     Besides ``A⁻¹`` it keeps two copies of it from recent points (d×d fp64 each) for undo, where a
     copy costs at most :data:`SNAPSHOT_MAX_BYTES`. Until the first key, ``A⁻¹`` is the statistics'
-    own inverse, not a copy of it.
+    own inverse, not a copy of it, when that is fp64; an fp32 base is converted to an fp64 copy.
     """
 
     def __init__(self, base: CovarianceSolver, beta: float, refactor_every: int):
@@ -114,13 +129,17 @@ class EditMemory:
         of :meth:`add` calls would hold, bit for bit (resume and undo use this)."""
         keys = [_as_key(k, self.dim) for k in keys]
         boundary = (len(keys) // self.refactor_every) * self.refactor_every
+        # With no key held A⁻¹ already is the base's inverse (a refused update writes nothing), so it
+        # is kept: converting an fp32 base again would hold two fp64 copies at once.
+        held_any = bool(self.keys)
         self.keys = keys[:boundary]
         if boundary:
             self.inverse = self._refactor(self.keys)
             self._snapshots = []
             self._snapshot()
         else:
-            self.inverse = self._base_inverse()
+            if held_any:
+                self.inverse = self._base_inverse()
             self._snapshots = [(0, None)]  # the base itself: no copy needed
         self._replay(keys[boundary:])
 
@@ -153,8 +172,9 @@ class EditMemory:
         self._snapshots = self._snapshots[-1:] + [(len(self.keys), copy)]
 
     def _base_inverse(self) -> Tensor:
-        """The statistics' inverse in fp64: itself (shared until the first update) or a converted copy."""
-        return self.base.inverse.to(torch.float64)
+        """The statistics' inverse in fp64, on the memory's device: itself (shared until the first
+        update) or a converted copy."""
+        return self.base.inverse.to(self.base.device, torch.float64)
 
     def _sherman_morrison(self, key: Tensor) -> None:
         if self.inverse is self.base.inverse:  # copy on first write: the base stays as it was
@@ -171,7 +191,7 @@ class EditMemory:
     def _direct(self, keys: List[Tensor]) -> Tensor:
         """``(B⁻¹ + β·KᵀK)⁻¹ = L(I + β·LᵀKᵀKL)⁻¹Lᵀ`` with ``B = LLᵀ`` the statistics' own inverse:
         two d×d Cholesky factorisations and no n×n matrix."""
-        B = self.base.inverse.to(self.device, torch.float64)
+        B = self._base_inverse()
         L = torch.linalg.cholesky(0.5 * (B + B.t()))
         KL = torch.stack(keys).to(self.device, torch.float64) @ L  # (n, d)
         S = self.beta * (KL.t() @ KL)
@@ -182,7 +202,7 @@ class EditMemory:
     def _woodbury(self, keys: List[Tensor]) -> Tensor:
         """``(C + ridge·I + β·KᵀK)⁻¹`` from the statistics' own inverse B and the keys K (n, d):
         ``B − BKᵀ(I/β + KBKᵀ)⁻¹KB``, an n×n solve instead of a d×d factorisation."""
-        B = self.base.inverse.to(self.device, torch.float64)
+        B = self._base_inverse()
         K = torch.stack(keys).to(self.device, torch.float64)
         BK = B @ K.t()  # (d, n)
         S = K @ BK

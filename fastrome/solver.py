@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,10 +44,18 @@ _FIRST_ESCALATION = 1e-12
 ROW_BLOCK = 128
 
 
+def count_nonfinite(t: Tensor) -> int:
+    """How many entries of ``t`` (any shape, float) are NaN or ±Inf, :data:`ROW_BLOCK` rows at a time.
+
+    ``isfinite`` of a whole float matrix forms ``abs`` of it (a full-size copy) and two full-size
+    masks; by blocks their size is a few MB whatever ``t``'s."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    return sum(int(rows[i : i + ROW_BLOCK].isfinite().logical_not_().sum()) for i in range(0, rows.shape[0], ROW_BLOCK))
+
+
 def _check_finite(C: Tensor, where: str) -> None:
     """Refuse a matrix with NaN or Inf entries, counting them (no ridge means anything then)."""
-    # ROW_BLOCK rows at a time: a d×d mask would be an eighth of an fp64 buffer, twice
-    bad = sum(int(C[i : i + ROW_BLOCK].isfinite().logical_not_().sum()) for i in range(0, C.shape[0], ROW_BLOCK))
+    bad = count_nonfinite(C)
     if bad:
         raise ValueError(
             f"{where}the statistics matrix C has {bad:,} non-finite entries (NaN or Inf) of "
@@ -90,28 +98,54 @@ def _not_positive_definite(C64: Tensor, scale: float, cap: float, ridge: float, 
     )
 
 
-def _factorise(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
-    """Cholesky factor of ``C64 + r·I`` and the ridge ``r`` used: ``ridge``, or the smallest step of
-    :func:`_ridge_ladder` that factorises (with a warning), or a ``ValueError``.
+def _column_major_alias(A: Tensor) -> Tensor:
+    """``A``'s storage read column-major (so ``Aᵀ``, which is ``A`` for a symmetric ``A``), as a
+    tensor of its own rather than a view of ``A``: LAPACK's Cholesky factorisation and inverse then
+    run in place in it (given a view, or a row-major tensor, torch copies it to a d×d temporary)."""
+    d = A.shape[0]
+    return torch.empty(0, dtype=A.dtype, device=A.device).set_(A.untyped_storage(), A.storage_offset(), (d, d), (1, d))
 
-    The ridge is added to ``C64``'s diagonal in place and taken off again by restoring the saved
-    diagonal (bit for bit), so the only d×d buffer allocated is the factor itself."""
+
+def _upper_rows(A: Tensor) -> List[Tensor]:
+    """Copies of ``A[i:i+ROW_BLOCK, i:]`` for each block of rows: the upper triangle and a little more,
+    about half of a d×d buffer, from which :func:`_restore` rebuilds a symmetric ``A`` exactly."""
+    return [A[i : i + ROW_BLOCK, i:].clone() for i in range(0, A.shape[0], ROW_BLOCK)]
+
+
+def _restore(A: Tensor, rows: List[Tensor]) -> None:
+    """Rebuild the exactly symmetric ``A`` whose :func:`_upper_rows` are ``rows``."""
+    for i, block in zip(range(0, A.shape[0], ROW_BLOCK), rows):
+        A[i : i + ROW_BLOCK, i:] = block
+    for i in range(0, A.shape[0], ROW_BLOCK):
+        A[i + ROW_BLOCK :, i : i + ROW_BLOCK] = A[i : i + ROW_BLOCK, i + ROW_BLOCK :].t()
+
+
+def _factorise_in_place(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
+    """Cholesky factor of ``C64 + r·I``, formed in ``C64``'s own storage, and the ridge ``r`` used:
+    ``ridge``, or the smallest step of :func:`_ridge_ladder` that factorises (with a warning), or a
+    ``ValueError`` (``C64`` then restored as it was).
+
+    ``C64``: (d, d) fp64, contiguous and exactly symmetric; its content is lost on success. The
+    factor is returned as :func:`_column_major_alias` of it (lower-triangular, zeros above), ready for
+    an in-place inverse. Half a d×d buffer is copied aside while the attempts run, since a failed
+    attempt overwrites ``C64``; the ridge goes on the diagonal in place (no identity is formed)."""
     scale = _scale(C64)
     cap = max(ridge, MAX_RIDGE_ESCALATION * scale)
     diagonal = C64.diagonal()
     saved = diagonal.clone()
-    try:
-        for used in _ridge_ladder(ridge, scale, cap):
-            torch.add(saved, used, out=diagonal)
-            factor, info = torch.linalg.cholesky_ex(C64)
-            if int(info) == 0:
-                break
-            factor = None  # free the failed attempt before the next one
-        else:
-            diagonal.copy_(saved)
-            raise _not_positive_definite(C64, scale, cap, ridge, where)
-    finally:
-        diagonal.copy_(saved)
+    kept = _upper_rows(C64)
+    factor = _column_major_alias(C64)
+    info = torch.empty((), dtype=torch.int32, device=C64.device)
+    for attempt, used in enumerate(_ridge_ladder(ridge, scale, cap)):
+        if attempt:
+            _restore(C64, kept)  # the failed attempt overwrote it
+        torch.add(saved, used, out=diagonal)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0:
+            break
+    else:
+        _restore(C64, kept)
+        raise _not_positive_definite(C64, scale, cap, ridge, where)
     if used != ridge:
         warnings.warn(
             f"{where}C is not positive definite with ridge={ridge:g}; factorised with ridge={used:.3e} "
@@ -133,17 +167,23 @@ def _symmetrise_(A: Tensor, block: int = 256) -> Tensor:
     return A
 
 
-def _norm1(A: Tensor, shift: float = 0.0, block: int = ROW_BLOCK) -> float:
-    """``‖A + shift·I‖₁`` (largest column sum of |entries|), a block of rows at a time."""
+def _abs_column_sums(A: Tensor, diagonal: Optional[Tensor] = None, block: int = ROW_BLOCK) -> Tensor:
+    """Column sums of ``|A|`` (d,), a block of rows at a time; with ``diagonal`` given, ``|diagonal|``
+    counts in place of ``A``'s own diagonal (zeros: the off-diagonal sums)."""
     d = A.shape[0]
     sums = torch.zeros(d, dtype=A.dtype, device=A.device)
     for i in range(0, d, block):
         rows = A[i : i + block].abs()
-        if shift:
+        if diagonal is not None:
             idx = torch.arange(rows.shape[0], device=A.device)
-            rows[idx, idx + i] = (A[i : i + block].diagonal(i) + shift).abs()
+            rows[idx, idx + i] = diagonal[i : i + block].abs()
         sums += rows.sum(0)
-    return float(sums.max())
+    return sums
+
+
+def _norm1(A: Tensor) -> float:
+    """``‖A‖₁``, the largest column sum of |entries|."""
+    return float(_abs_column_sums(A).max())
 
 
 class CovarianceSolver:
@@ -162,7 +202,8 @@ class CovarianceSolver:
         precision: dtype of the cached inverse, ``"float64"`` (default) or ``"float32"``.
         source: where C came from (a file, a layer), named in errors and warnings.
         overwrite_c: C is not needed afterwards: when it is already fp64 on ``device``, it is the
-            factorisation's scratch (its content is lost), one d×d buffer less at the peak.
+            factorisation's scratch (its content is lost; an fp64 inverse ends up in its storage),
+            one d×d buffer less at the peak. A C that is refused is left as it was, symmetrised.
 
     Attributes:
         inverse: (d, d) symmetric ``(C + ridge·I)⁻¹`` in ``precision``.
@@ -188,21 +229,24 @@ class CovarianceSolver:
             raise ValueError(f"{where}C: expected a square floating-point matrix, got {shape}")
         if precision not in ("float64", "float32"):
             raise ValueError(f"precision: expected 'float64' or 'float32', got {precision!r}")
-        # Memory: two d×d fp64 buffers at the peak, C64 and the factor; the ridge goes on C64's
-        # diagonal in place (no identity is formed) and the inverse overwrites the factor
-        # (benches/solver_memory.py measures it).
+        # Memory: one d×d fp64 buffer, C64, is factorised and inverted in place, with half of one
+        # copied aside while the factorisation is attempted (a failed attempt overwrites C64); an
+        # fp32 inverse adds half a buffer for the conversion (benches/solver_memory.py measures it).
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
         if C64.data_ptr() == C.data_ptr() and not overwrite_c:  # never alter the caller's C unless allowed
             C64 = C64.clone()
+        C64 = C64.contiguous()
         _check_finite(C64, where)  # before any ridge arithmetic: a NaN scale makes a NaN ridge
         _symmetrise_(C64)  # exact symmetry, whatever rounding the accumulation left
         used = _absolute_ridge(ridge, relative_ridge, _scale(C64))
-        factor, used = _factorise(C64, used, where)
-        norm1 = _norm1(C64, used)
-        del C64
-        inverse = torch.cholesky_inverse(factor, out=factor)  # in place: LAPACK's potri overwrites the factor
+        off_diagonal = _abs_column_sums(C64, torch.zeros(C64.shape[0], dtype=C64.dtype, device=C64.device))
+        diagonal = C64.diagonal().clone()
+        factor, used = _factorise_in_place(C64, used, where)
+        norm1 = float((off_diagonal + (diagonal + used).abs()).max())  # ‖C + ridge·I‖₁
+        del off_diagonal, diagonal
+        torch.cholesky_inverse(factor, out=factor)  # in place: LAPACK's potri overwrites the factor
         del factor
-        _symmetrise_(inverse)  # the solve kernels read rows as columns
+        inverse = _symmetrise_(C64)  # the same storage, read row-major; the solve kernels read rows as columns
         self.condition = norm1 * _norm1(inverse)
         self.inverse = inverse.to(getattr(torch, precision))
         self.ridge = used

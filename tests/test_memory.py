@@ -101,6 +101,41 @@ def test_forgetting_the_latest_keys_equals_never_adding_them(d, every, snapshot_
         assert memory.copies_held == 0
 
 
+def test_an_fp32_base_restarts_an_fp64_memory_that_rebuilds_bit_for_bit():
+    """At large d the statistics' inverse is kept in fp32 (base_precision); the memory then holds its
+    own fp64 A⁻¹ from the start, rebuilds and undoes bit for bit from that base, and stays the inverse
+    of A to the fp32 rounding of the base."""
+    d, every = 41, 3
+    C = spd(d, 9)
+    base = CovarianceSolver(C, ridge=1e-3, precision="float32")
+    untouched = base.inverse.clone()
+    keys = list(torch.randn(8, d, generator=torch.Generator().manual_seed(4)))
+    memory = EditMemory(base, beta=0.2, refactor_every=every)
+    assert memory.inverse.dtype == torch.float64 and memory.inverse.data_ptr() != base.inverse.data_ptr()
+    assert torch.equal(memory.inverse, untouched.double())
+    for k in keys:
+        memory.add(k)
+    A = C + 1e-3 * torch.eye(d, dtype=torch.float64) + 0.2 * torch.stack(keys).double().T @ torch.stack(keys).double()
+    want = torch.linalg.inv(A)
+    assert float((memory.inverse - want).abs().max() / want.abs().max()) < 1e-5
+    rebuilt = EditMemory(base, beta=0.2, refactor_every=every)
+    rebuilt.rebuild(keys)
+    assert torch.equal(rebuilt.inverse, memory.inverse)
+    memory.forget_last(2)
+    fewer = EditMemory(base, beta=0.2, refactor_every=every)
+    fewer.rebuild(keys[:-2])
+    assert torch.equal(memory.inverse, fewer.inverse)
+    memory.forget_last(len(memory.keys))
+    assert torch.equal(memory.inverse, untouched.double()) and torch.equal(base.inverse, untouched)
+
+
+def test_the_base_is_kept_in_fp32_only_where_an_fp64_copy_is_large():
+    assert fastrome.memory.base_precision(1536) == "float64"  # SmolLM2
+    assert fastrome.memory.base_precision(5792) == "float64"
+    assert fastrome.memory.base_precision(5793) == "float32"
+    assert fastrome.memory.base_precision(11008) == "float32"  # Llama-2-7B
+
+
 def test_bad_settings_and_keys_are_refused():
     base = CovarianceSolver(spd(5, 0))
     for beta in (0, -1, float("nan"), float("inf")):
@@ -168,8 +203,11 @@ def test_undo_takes_the_key_out_of_the_memory(make_tiny):
     assert "edit memory β 2" in ed.stats_source(1)
 
 
-@pytest.mark.parametrize("spread", [1, 2])
-def test_a_resumed_run_with_memory_edits_as_one_never_stopped(make_tiny, tmp_path, spread):
+# fp32_base: the sizes at which the statistics' inverse is kept in fp32 (all of them, here)
+@pytest.mark.parametrize("spread, fp32_base", [(1, False), (2, False), (2, True)])
+def test_a_resumed_run_with_memory_edits_as_one_never_stopped(make_tiny, tmp_path, spread, fp32_base, monkeypatch):
+    if fp32_base:
+        monkeypatch.setattr(fastrome.memory, "SNAPSHOT_MAX_BYTES", 0)
     whole, tok = make_tiny("llama-bytelevel", layers=3)
     kw = dict(memory_beta=3.0, memory_refactor_every=2, layer=2, spread=spread)
     uninterrupted = editor(whole, tok, **kw)
@@ -186,6 +224,8 @@ def test_a_resumed_run_with_memory_edits_as_one_never_stopped(make_tiny, tmp_pat
     assert all(torch.equal(x, y) for x, y in zip(weights(fresh), weights(whole)))
     for layer in range(3 - spread, 3):
         assert torch.equal(resumed.solver(layer).inverse, uninterrupted.solver(layer).inverse)
+        assert resumed.solver(layer).base.inverse.dtype == (torch.float32 if fp32_base else torch.float64)
+        assert ("kept in fp32" in resumed.stats_source(layer)) == fp32_base
 
 
 def test_memory_needs_the_keys_of_the_journal(make_tiny, tmp_path):

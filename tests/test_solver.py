@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrome.solver import CovarianceSolver, _check_finite
+from fastrome.solver import CovarianceSolver, _check_finite, count_nonfinite
 
 
 def _textbook(C: torch.Tensor, relative_ridge: float):
@@ -58,6 +58,19 @@ def test_non_finite_entries_are_counted_block_by_block(d):
         _check_finite(C, "")
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (300, 300), (1000,), (3, 130, 4)])
+def test_count_nonfinite_counts_every_nan_and_inf(shape):
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    flat = t.view(-1)
+    picks = torch.randperm(flat.numel(), generator=g)[:4]
+    flat[picks[0]], flat[picks[1]], flat[picks[2]] = float("nan"), float("inf"), float("-inf")
+    assert count_nonfinite(t) == 3 and count_nonfinite(t.float()) == 3
+    assert count_nonfinite(t.transpose(0, -1)) == 3  # non-contiguous
+    flat[picks[:3]] = 0.0
+    assert count_nonfinite(t) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_statistics_consumed_by_their_solver_give_the_same_inverse(dtype):
     from fastrome.stats import SecondMoment
@@ -79,3 +92,34 @@ def test_overwrite_c_gives_the_same_solver():
     a = CovarianceSolver(C.clone(), relative_ridge=1e-6)
     b = CovarianceSolver(C.clone(), relative_ridge=1e-6, overwrite_c=True)
     assert torch.equal(a.inverse, b.inverse) and a.condition == b.condition
+
+
+def _symmetric_with_lowest(d: int, lowest: float, seed: int) -> torch.Tensor:
+    C = _moment(d, torch.float64, seed=seed)
+    vals, vecs = torch.linalg.eigh(C)
+    vals[0] = lowest * float(C.diagonal().abs().mean())
+    C = (vecs * vals) @ vecs.t()
+    return 0.5 * (C + C.t())  # exactly symmetric, as the solver makes it
+
+
+# sizes below, across and well past the blocks of rows copied aside during the attempts
+@pytest.mark.parametrize("d", [5, 130, 300])
+def test_a_failed_attempt_is_undone_exactly_before_the_next_ridge(d):
+    """The factorisation runs in C's own buffer; after a failed attempt C is rebuilt from the copy
+    kept aside, so the escalated solve is the textbook one at the ridge it settled on, bit for bit."""
+    C = _symmetric_with_lowest(d, -1e-9, seed=d)
+    with pytest.warns(UserWarning, match="not positive definite with ridge"):
+        solver = CovarianceSolver(C.clone(), ridge=0.0, overwrite_c=True)
+    assert solver.ridge > 0
+    shifted = C + solver.ridge * torch.eye(d, dtype=torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(shifted))
+    assert torch.equal(solver.inverse, 0.5 * (inverse + inverse.t()))
+
+
+@pytest.mark.parametrize("d", [5, 300])
+def test_a_refused_C_given_as_scratch_is_left_as_it_was(d):
+    C = -_symmetric_with_lowest(d, 0.5, seed=d)
+    scratch = C.clone()
+    with pytest.raises(ValueError, match="not positive definite"):
+        CovarianceSolver(scratch, relative_ridge=1e-6, overwrite_c=True)
+    assert torch.equal(scratch, C)
