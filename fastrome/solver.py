@@ -108,8 +108,19 @@ def _column_major_alias(A: Tensor) -> Tensor:
 
 def _upper_rows(A: Tensor) -> List[Tensor]:
     """Copies of ``A[i:i+ROW_BLOCK, i:]`` for each block of rows: the upper triangle and a little more,
-    about half of a d×d buffer, from which :func:`_restore` rebuilds a symmetric ``A`` exactly."""
-    return [A[i : i + ROW_BLOCK, i:].clone() for i in range(0, A.shape[0], ROW_BLOCK)]
+    about half of a d×d buffer, from which :func:`_restore` rebuilds a symmetric ``A`` exactly.
+
+    The copies are views into one allocation: hundreds of separate blocks of a few MB each would
+    come from the C allocator's heap, which keeps much of them resident after they are freed."""
+    d = A.shape[0]
+    starts = range(0, d, ROW_BLOCK)
+    store = torch.empty(sum(min(ROW_BLOCK, d - i) * (d - i) for i in starts), dtype=A.dtype, device=A.device)
+    rows, at = [], 0
+    for i in starts:
+        block = A[i : i + ROW_BLOCK, i:]
+        rows.append(store[at : at + block.numel()].view(block.shape).copy_(block))
+        at += block.numel()
+    return rows
 
 
 def _restore(A: Tensor, rows: List[Tensor]) -> None:
