@@ -131,6 +131,29 @@ def _restore(A: Tensor, rows: List[Tensor]) -> None:
         A[i + ROW_BLOCK :, i : i + ROW_BLOCK] = A[i : i + ROW_BLOCK, i + ROW_BLOCK :].t()
 
 
+_warned_in_place = False
+
+
+def _in_place(op, A: Tensor, out) -> int:
+    """``op(A, out=out)`` with ``out`` aliasing ``A`` (returns the info code of a Cholesky, else 0).
+
+    A backend that refuses an output aliasing its input gets the same call through a temporary,
+    with one warning: the result is the same, only a d×d buffer larger at the peak."""
+    global _warned_in_place
+    try:
+        op(A, out=out)
+    except RuntimeError as exc:
+        if not _warned_in_place:
+            _warned_in_place = True
+            warnings.warn(f"{op.__name__} on {A.device.type} refused to work in place ({exc}); the solver "
+                          "factorises through a temporary d×d buffer instead", stacklevel=3)
+        result = op(A)
+        pairs = zip(out, result) if isinstance(out, tuple) else [(out, result)]
+        for dst, src in pairs:
+            dst.copy_(src)
+    return int(out[1]) if isinstance(out, tuple) else 0
+
+
 def _factorise_in_place(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, float]:
     """Cholesky factor of ``C64 + r·I``, formed in ``C64``'s own storage, and the ridge ``r`` used:
     ``ridge``, or the smallest step of :func:`_ridge_ladder` that factorises (with a warning), or a
@@ -151,8 +174,7 @@ def _factorise_in_place(C64: Tensor, ridge: float, where: str) -> Tuple[Tensor, 
         if attempt:
             _restore(C64, kept)  # the failed attempt overwrote it
         torch.add(saved, used, out=diagonal)
-        torch.linalg.cholesky_ex(factor, out=(factor, info))
-        if int(info) == 0:
+        if _in_place(torch.linalg.cholesky_ex, factor, (factor, info)) == 0:
             break
     else:
         _restore(C64, kept)
@@ -255,7 +277,7 @@ class CovarianceSolver:
         factor, used = _factorise_in_place(C64, used, where)
         norm1 = float((off_diagonal + (diagonal + used).abs()).max())  # ‖C + ridge·I‖₁
         del off_diagonal, diagonal
-        torch.cholesky_inverse(factor, out=factor)  # in place: LAPACK's potri overwrites the factor
+        _in_place(torch.cholesky_inverse, factor, factor)  # LAPACK's potri overwrites the factor
         del factor
         inverse = _symmetrise_(C64)  # the same storage, read row-major; the solve kernels read rows as columns
         self.condition = norm1 * _norm1(inverse)

@@ -123,3 +123,29 @@ def test_a_refused_C_given_as_scratch_is_left_as_it_was(d):
     with pytest.raises(ValueError, match="not positive definite"):
         CovarianceSolver(scratch, relative_ridge=1e-6, overwrite_c=True)
     assert torch.equal(scratch, C)
+
+
+def test_a_backend_refusing_to_work_in_place_gets_the_same_solver(monkeypatch):
+    """Factorising and inverting in C's own buffer relies on ``out=`` aliasing the input; where that
+    is refused, the same calls go through a temporary, with one warning, and give the same solver."""
+    import fastrome.solver as solver_module
+
+    C = _moment(130, torch.float64, seed=4)
+    want = CovarianceSolver(C.clone(), relative_ridge=1e-6)
+    cholesky_ex, cholesky_inverse = torch.linalg.cholesky_ex, torch.cholesky_inverse
+
+    def refusing(op):
+        def call(A, *, out=None):
+            if out is not None:
+                raise RuntimeError("unsupported operation: out aliases the input")
+            return op(A)
+        call.__name__ = op.__name__
+        return call
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", refusing(cholesky_ex))
+    monkeypatch.setattr(torch, "cholesky_inverse", refusing(cholesky_inverse))
+    monkeypatch.setattr(solver_module, "_warned_in_place", False)
+    with pytest.warns(UserWarning, match="refused to work in place") as seen:
+        got = CovarianceSolver(C.clone(), relative_ridge=1e-6)
+    assert len([w for w in seen if "in place" in str(w.message)]) == 1
+    assert torch.equal(got.inverse, want.inverse) and got.ridge == want.ridge
