@@ -86,7 +86,8 @@ def editor(model, tok, **kw):
 
 def test_the_editor_keeps_both_keys_in_the_journal_and_the_memory(make_tiny, tmp_path):
     model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, journal=tmp_path / "j")
+    ed = editor(model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, memory_dual_keys="both",
+                journal=tmp_path / "j")
     ed.edit(REQS)
     art = ed.last
     assert all(e.key.shape == (2, ed.adapter.d_in) for e in ed.journal)
@@ -106,7 +107,8 @@ def test_the_editor_keeps_both_keys_in_the_journal_and_the_memory(make_tiny, tmp
     before = [x.clone() for x in (ed.adapter.weight(1).detach(), mem.inverse)]
     ed.close()
     fresh_model, _ = make_tiny("llama-bytelevel", layers=3)
-    resumed = editor(fresh_model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, journal=tmp_path / "j")
+    resumed = editor(fresh_model, tok, mode="dual", memory_beta=2.0, memory_refactor_every=2, memory_dual_keys="both",
+                     journal=tmp_path / "j")
     assert torch.equal(resumed.adapter.weight(1).detach(), before[0])
     assert torch.equal(resumed.solver(1).inverse, before[1])
 
@@ -143,7 +145,8 @@ def test_memory_dual_keys_is_checked():
 
 def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path):
     model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, journal=tmp_path / "j")
+    ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, memory_dual_keys="both",
+                journal=tmp_path / "j")
     (rec,) = ed.edit(REQS[0]).records
     assert rec.status == "applied" and [p["layer"] for p in rec.parts] == [1, 2]
     assert [e.layer for e in ed.journal] == [1, 2]
