@@ -25,6 +25,8 @@ declare -A SETTINGS=(
   [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
   [memory1+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
   [mpes+dual+spread]="--classic --mode dual --set mpes_checks=2 --set spread=4"
+  # the default with δ shrunk to the least fraction that keeps the target on top once MPES fires
+  [memory1+mpes-shrink+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set mpes_shrink=true --set spread=4"
   # ngd with each edit shared among 6 layers (1-6) instead of 4
   [ngd+spread6]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=6 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
