@@ -143,10 +143,12 @@ def test_memory_dual_keys_is_checked():
         EditConfig(memory_dual_keys="mean").validate()
 
 
-def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path):
+@pytest.mark.parametrize("keys,held", [("both", 2), (None, 1)], ids=["both", "default"])
+def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path, keys, held):
+    # the journal holds both keys of every part; each layer's memory holds both, or by default k_u only
     model, tok = make_tiny("llama-bytelevel", layers=3)
-    ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, memory_dual_keys="both",
-                journal=tmp_path / "j")
+    chosen = {} if keys is None else {"memory_dual_keys": keys}
+    ed = editor(model, tok, mode="dual", spread=2, layer=2, memory_beta=2.0, journal=tmp_path / "j", **chosen)
     (rec,) = ed.edit(REQS[0]).records
     assert rec.status == "applied" and [p["layer"] for p in rec.parts] == [1, 2]
     assert [e.layer for e in ed.journal] == [1, 2]
@@ -154,7 +156,8 @@ def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, 
     for entry in ed.journal:  # each part is exact at both keys of its layer: uᵀk̄ = uᵀk_u = 1
         torch.testing.assert_close(entry.key.double() @ entry.u.double(), torch.ones(2, dtype=torch.float64),
                                    rtol=0, atol=1e-4)
-        assert len(ed.solver(entry.layer).keys) == 2
+        kept = ed.solver(entry.layer).keys
+        assert len(kept) == held and all(torch.equal(k, row) for k, row in zip(kept, entry.key[-held:]))
     ed.undo(rec.edit_id)
     assert all(len(ed.solver(layer).keys) == 0 for layer in (1, 2))
 
