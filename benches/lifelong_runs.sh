@@ -32,6 +32,9 @@ declare -A SETTINGS=(
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
   # AlphaEdit's projection; SmolLM2 layer 6 has no eigenvalue of C below 0.18 of the mean (0.5 keeps 568 of 1536)
   [null-space+memory]="--classic --set null_space=0.5 --set memory_beta=0.02"
+  # AlphaEdit's published closed form (one mean key, projector P, earlier keys, Λ = R), the ablation's
+  # reference baseline; the memory only keeps the earlier keys in step with the journal (β unused)
+  [alphaedit]="--classic --set null_space=0.5 --set memory_beta=0.02 --set update_form=alphaedit"
   [original]="--classic --mode original"
 )
 if [[ "${1:-}" == "--list" || $# -lt 1 ]]; then

@@ -16,15 +16,17 @@ POLICIES = ("raise", "skip", "force")
 VALUE_NORMS = ("off", "anchor", "cap", "refuse")
 MEMORY_DUAL_KEYS = ("both", "prompt")
 V_OPTIMIZERS = ("adam", "normalized")
+UPDATE_FORMS = ("exact", "alphaedit")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
 # resumed from its journal must keep them.
 LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys", "mpes_checks",
                    "mpes_min_prob", "mpes_shrink", "v_optimizer", "norm_alpha",
-                   "value_norm", "value_norm_factor", "null_space")
+                   "value_norm", "value_norm_factor", "null_space", "update_form")
 
 # The default each lifelong setting had when it was added. A journal or run written before a setting
 # existed was made with that value, which is not always today's default.
-FIRST_DEFAULTS: Dict[str, Any] = {"memory_dual_keys": "both", "mpes_shrink": False, "v_optimizer": "adam"}
+FIRST_DEFAULTS: Dict[str, Any] = {"memory_dual_keys": "both", "mpes_shrink": False, "v_optimizer": "adam",
+                                  "update_form": "exact"}
 
 
 def settings_made_with(recorded: Dict[str, Any], fields: Tuple[str, ...] = LIFELONG_FIELDS) -> Dict[str, Any]:
@@ -129,6 +131,12 @@ class EditConfig:
     # null-space projection (AlphaEdit): u restricted to C's eigenvectors with eigenvalue at most
     # this times the mean eigenvalue (0: off)
     null_space: float = 0.0
+    # "exact": Λ = change/(uᵀk), so the write moves the output at the key by exactly the change.
+    # "alphaedit": AlphaEdit's published closed form (arXiv 2410.02355) as a reference baseline,
+    # u = (SP + kkᵀP + I)⁻ᵀPk with S the earlier edits' keys and P the null-space projector, Λ = the
+    # change itself: not exact at k (uᵀk < 1). Needs mode "consistent", spread 1, null_space > 0 and
+    # an edit memory (memory_beta > 0, which keeps the earlier keys in step with undo and resume).
+    update_form: str = "exact"
     # guards
     policy: str = "raise"
     min_denom_rel: float = 1e-6
@@ -193,6 +201,15 @@ class EditConfig:
             raise bad("value_norm", f"one of {VALUE_NORMS}")
         if not (number(self.null_space) and math.isfinite(self.null_space) and self.null_space >= 0):
             raise bad("null_space", "a finite non-negative number (0: off)")
+        if self.update_form not in UPDATE_FORMS:
+            raise bad("update_form", f"one of {UPDATE_FORMS}")
+        if self.update_form == "alphaedit":
+            if self.mode != "consistent" or self.spread != 1 or not self.null_space > 0 or not self.memory_beta > 0:
+                raise bad("update_form", "'exact' unless mode='consistent', spread=1, null_space > 0 and "
+                          "memory_beta > 0 "
+                          f"(AlphaEdit's form solves one mean key against its projector and the earlier keys; here "
+                          f"mode={self.mode!r}, spread={self.spread!r}, null_space={self.null_space!r}, "
+                          f"memory_beta={self.memory_beta!r})")
         factor = self.value_norm_factor
         if not (number(factor) and math.isfinite(factor) and factor > 0):
             raise bad("value_norm_factor", "a finite positive number")

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fastrome import guards
 from fastrome.adapter import ModelAdapter
+from fastrome.baselines.alphaedit import AlphaEditSolver
 from fastrome.cache import cache_dir as resolve_cache_dir
 from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
@@ -274,8 +275,11 @@ class Editor:
                 self._solvers[layer] = memory
             if cfg.null_space > 0:
                 projector, rank = self._projectors.pop(layer)
-                self._solvers[layer] = ProjectedSolver(self._solvers[layer], projector, rank, cfg.null_space)
+                form = AlphaEditSolver if cfg.update_form == "alphaedit" else ProjectedSolver
+                self._solvers[layer] = form(self._solvers[layer], projector, rank, cfg.null_space)
                 self._stats_source[layer] += f"; null-space projection rank {rank} of {projector.shape[0]}"
+                if cfg.update_form == "alphaedit":
+                    self._stats_source[layer] += " (AlphaEdit's closed form)"
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment, consume: bool = False) -> CovarianceSolver:
         """``consume``: ``sm`` is this editor's own (computed or read here), so its sum may become the
