@@ -103,8 +103,9 @@ def _not_positive_definite(C64: Tensor, scale: float, cap: float, ridge: float, 
     )
 
 
-def _aligned(A: Tensor) -> Tensor:
-    """``A`` itself when its data start on an :data:`ALIGN_BYTES` boundary, else an aligned copy."""
+def aligned(A: Tensor) -> Tensor:
+    """``A`` itself when its data start on an :data:`ALIGN_BYTES` boundary, else an aligned
+    contiguous copy (a tensor read from a file can start anywhere)."""
     return A if A.data_ptr() % ALIGN_BYTES == 0 else A.clone(memory_format=torch.contiguous_format)
 
 
@@ -278,7 +279,7 @@ class CovarianceSolver:
         C64 = C.detach().to(device=device or C.device, dtype=torch.float64)
         if C64.data_ptr() == C.data_ptr() and not overwrite_c:  # never alter the caller's C unless allowed
             C64 = C64.clone()
-        C64 = _aligned(C64.contiguous())  # the same C gives the same solver wherever it was read into
+        C64 = aligned(C64.contiguous())  # the same C gives the same solver wherever it was read into
         _check_finite(C64, where)  # before any ridge arithmetic: a NaN scale makes a NaN ridge
         _symmetrise_(C64)  # exact symmetry, whatever rounding the accumulation left
         used = _absolute_ridge(ridge, relative_ridge, _scale(C64))

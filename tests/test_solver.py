@@ -173,3 +173,15 @@ def test_the_solver_does_not_depend_on_where_c_lies_in_memory(d, offset, overwri
     a = CovarianceSolver(C.clone(), relative_ridge=1e-6, overwrite_c=overwrite)
     b = CovarianceSolver(_at_offset(C, offset), relative_ridge=1e-6, overwrite_c=overwrite)
     assert torch.equal(a.inverse, b.inverse) and a.ridge == b.ridge and a.condition == b.condition
+
+
+def test_statistics_read_off_alignment_and_consumed_give_the_same_inverse():
+    from fastrome.stats import SecondMoment
+
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(700, 389, generator=g, dtype=torch.float64)
+    kept = SecondMoment(layer=2, sum=X.t() @ X, count=700)
+    off = SecondMoment(layer=2, sum=_at_offset(kept.sum, 8), count=700)
+    a, b = kept.solver(1e-6), off.solver(1e-6, consume=True)
+    assert torch.equal(a.inverse, b.inverse) and a.ridge == b.ridge and a.condition == b.condition
+    assert off.sum.numel() == 0

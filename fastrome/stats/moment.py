@@ -23,7 +23,7 @@ from torch import Tensor
 from fastrome.adapter import ModelAdapter
 from fastrome.cache import write_safetensors
 from fastrome.fingerprint import content_digest, fingerprint
-from fastrome.solver import CovarianceSolver, count_nonfinite
+from fastrome.solver import CovarianceSolver, aligned, count_nonfinite
 
 FORMAT = "fastrome.second_moment.v1"
 MIN_TOKENS = 100_000
@@ -163,8 +163,10 @@ class SecondMoment:
         corpus = self.meta.get("corpus", "?")
         where = repr(self.source) if self.source else f"of layer {self.layer} ({self.count:,} tokens of {corpus})"
         if consume and self.count > 0:
-            C = self.sum.div_(self.count)  # in place, the same rounding as sum / count
-            self.sum = self.sum.new_empty((0, 0))
+            # The solver factorises in an aligned buffer; a sum read from a file may not be one. It is
+            # made one here, where the sum is dropped at once, so one d×d buffer is held, not two.
+            C, self.sum = aligned(self.sum), self.sum.new_empty((0, 0))
+            C.div_(self.count)  # in place, the same rounding as sum / count
         else:
             C = self.matrix  # a new tensor (or the "no tokens" error): the solver may use it as scratch
         return CovarianceSolver(C, relative_ridge=relative_ridge, device=device, precision=precision,
