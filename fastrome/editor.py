@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from fastrome import guards
 from fastrome.adapter import ModelAdapter
-from fastrome.baselines.alphaedit import AlphaEditSolver
 from fastrome.cache import cache_dir as resolve_cache_dir
 from fastrome.config import EditConfig, make_config
 from fastrome.fingerprint import fingerprint
@@ -33,7 +32,7 @@ from fastrome.memory import EditMemory, base_precision
 from fastrome.peft_adapter import save_peft_adapter
 from fastrome.pretrained import read_pretrained, write_pretrained
 from fastrome.progress import show_progress
-from fastrome.projection import ProjectedSolver, null_space_projector
+from fastrome.projection import AlphaEditSolver, ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
@@ -275,11 +274,11 @@ class Editor:
                 self._solvers[layer] = memory
             if cfg.null_space > 0:
                 projector, rank = self._projectors.pop(layer)
-                form = AlphaEditSolver if cfg.update_form == "alphaedit" else ProjectedSolver
+                alpha = cfg.update_form == "alphaedit"
+                form = AlphaEditSolver if alpha else ProjectedSolver
                 self._solvers[layer] = form(self._solvers[layer], projector, rank, cfg.null_space)
-                self._stats_source[layer] += f"; null-space projection rank {rank} of {projector.shape[0]}"
-                if cfg.update_form == "alphaedit":
-                    self._stats_source[layer] += " (AlphaEdit's closed form)"
+                self._stats_source[layer] += (f"; null-space projection rank {rank} of {projector.shape[0]}"
+                                              + (" (AlphaEdit's closed form)" if alpha else ""))
 
     def _solver_from_moment(self, layer: int, sm: SecondMoment, consume: bool = False) -> CovarianceSolver:
         """``consume``: ``sm`` is this editor's own (computed or read here), so its sum may become the

@@ -8,6 +8,10 @@ model (an absolute one, such as AlphaEdit's 2e-2, keeps about 70% of the directi
 and a different share on the next). The solve becomes ``u = P·s(k)`` with ``s`` the plain or
 memory solve; ``P`` and ``C⁻¹`` share eigenvectors, so ``uᵀk = (Pk)ᵀC⁻¹(Pk) > 0`` whenever ``Pk ≠ 0``,
 and the edit stays exact at its key.
+
+:class:`AlphaEditSolver` is AlphaEdit's own closed form behind the same interface
+(``EditConfig(update_form="alphaedit")``), the reference baseline of the lifelong ablation: not
+exact at its key (see :mod:`fastrome.baselines.alphaedit`).
 """
 
 from __future__ import annotations
@@ -65,3 +69,40 @@ class ProjectedSolver:
 
     def __repr__(self) -> str:
         return f"ProjectedSolver({self.inner!r}, rank {self.rank} of {self.dim}, threshold {self.threshold:g})"
+
+
+def left_vector(S: Tensor, P: Tensor, k: Tensor) -> Tensor:
+    """``u = (S P + k kᵀ P + I)⁻ᵀ P k`` (fp64, (d,)) for the earlier keys' ``S = Σ k_p k_pᵀ`` (d, d),
+    the null-space projector ``P`` (d, d) and the new key ``k`` (d,)."""
+    k = k.to(P.device, torch.float64)
+    X = (S + torch.outer(k, k)) @ P
+    X.diagonal().add_(1.0)
+    return torch.linalg.solve(X.T, P @ k)
+
+
+class AlphaEditSolver(ProjectedSolver):
+    """AlphaEdit's closed form behind the solver interface: ``solve(k) = (u, 1)`` with ``u`` from
+    :func:`left_vector`, so the editor's ``Λ = change / 1`` is the published ``R``.
+
+    Args:
+        inner: the layer's edit memory; its keys (in step with the journal through undo and resume)
+            are AlphaEdit's earlier keys ``K_p``. Every other attribute (``dim``, ``add``, ...) is its.
+        projector: (d, d) null-space projector of the layer's ``C``; ``rank`` its rank and
+            ``threshold`` the setting that chose it (reported).
+    """
+
+    def solve(self, k: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(u, ones)`` for one key (d,) or a batch (b, d), u in the key's float dtype (at least fp32)."""
+        P = self.projector
+        keys = self.inner.keys
+        K = torch.stack(keys).to(P.device, torch.float64) if keys else torch.zeros(0, self.dim, dtype=torch.float64,
+                                                                                     device=P.device)
+        S = K.T @ K
+        rows = k.reshape(-1, self.dim)
+        u = torch.stack([left_vector(S, P, row) for row in rows])
+        dtype = torch.promote_types(k.dtype, torch.float32)
+        ones = torch.ones(rows.shape[0], dtype=dtype, device=u.device)
+        return (u[0].to(dtype), ones[0]) if k.dim() == 1 else (u.to(dtype), ones)
+
+    def __repr__(self) -> str:
+        return f"AlphaEditSolver({self.inner!r}, rank {self.rank} of {self.dim}, threshold {self.threshold:g})"

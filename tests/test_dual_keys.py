@@ -144,7 +144,7 @@ def test_memory_dual_keys_is_checked():
 
 
 @pytest.mark.parametrize("keys,held", [("both", 2), (None, 1)], ids=["both", "default"])
-def test_a_dual_spread_edit_keeps_both_keys_of_every_layer_it_writes(make_tiny, tmp_path, keys, held):
+def test_a_dual_spread_edit_journals_both_keys_and_each_memory_keeps_the_chosen_ones(make_tiny, tmp_path, keys, held):
     # the journal holds both keys of every part; each layer's memory holds both, or by default k_u only
     model, tok = make_tiny("llama-bytelevel", layers=3)
     chosen = {} if keys is None else {"memory_dual_keys": keys}

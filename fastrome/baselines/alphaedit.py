@@ -13,9 +13,9 @@ term regularises it, so unlike fastrome's consistent update it is not exact at `
 in :mod:`fastrome.projection` (the published code uses an absolute 1e-2 on the unnormalised sum).
 Everything is fp64; no guards: the baseline returns whatever it computes.
 
-:class:`AlphaEditSolver` puts the same formula behind the editor's solver interface
-(``EditConfig(update_form="alphaedit")``), so the baseline runs through the journal, the guards and
-the long-run harness like any other setting.
+:class:`fastrome.projection.AlphaEditSolver` puts the same formula (:func:`~fastrome.projection.left_vector`)
+behind the editor's solver interface (``EditConfig(update_form="alphaedit")``), so the baseline runs
+through the journal, the guards and the long-run harness like any other setting.
 """
 
 from __future__ import annotations
@@ -25,44 +25,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastrome.projection import ProjectedSolver, null_space_projector
-
-
-def left_vector(S: Tensor, P: Tensor, k: Tensor) -> Tensor:
-    """``u = (S P + k kᵀ P + I)⁻ᵀ P k`` (fp64, (d,)) for the earlier keys' ``S = Σ k_p k_pᵀ`` (d, d),
-    the null-space projector ``P`` (d, d) and the new key ``k`` (d,)."""
-    k = k.to(P.device, torch.float64)
-    X = (S + torch.outer(k, k)) @ P
-    X.diagonal().add_(1.0)
-    return torch.linalg.solve(X.T, P @ k)
-
-
-class AlphaEditSolver(ProjectedSolver):
-    """AlphaEdit's closed form behind the solver interface: ``solve(k) = (u, 1)`` with ``u`` from
-    :func:`left_vector`, so the editor's ``Λ = change / 1`` is the published ``R``.
-
-    Args:
-        inner: the layer's edit memory; its keys (in step with the journal through undo and resume)
-            are AlphaEdit's earlier keys ``K_p``. Every other attribute (``dim``, ``add``, ...) is its.
-        projector: (d, d) null-space projector of the layer's ``C``; ``rank`` its rank and
-            ``threshold`` the setting that chose it (reported).
-    """
-
-    def solve(self, k: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(u, ones)`` for one key (d,) or a batch (b, d), u in the key's float dtype (at least fp32)."""
-        P = self.projector
-        keys = self.inner.keys
-        K = torch.stack(keys).to(P.device, torch.float64) if keys else torch.zeros(0, self.dim, dtype=torch.float64,
-                                                                                     device=P.device)
-        S = K.T @ K
-        rows = k.reshape(-1, self.dim)
-        u = torch.stack([left_vector(S, P, row) for row in rows])
-        dtype = torch.promote_types(k.dtype, torch.float32)
-        ones = torch.ones(rows.shape[0], dtype=dtype, device=u.device)
-        return (u[0].to(dtype), ones[0]) if k.dim() == 1 else (u.to(dtype), ones)
-
-    def __repr__(self) -> str:
-        return f"AlphaEditSolver({self.inner!r}, rank {self.rank} of {self.dim}, threshold {self.threshold:g})"
+from fastrome.projection import left_vector, null_space_projector
 
 
 class ReferenceAlphaEdit:
