@@ -3,6 +3,7 @@
     python benches/collapse_report.py benches/results/collapse/consistent_gentle \
         benches/results/collapse/original_gentle > benches/results/collapse/summary.md
     python benches/collapse_report.py --compare RUN_DIR...   # one row per run, at a common checkpoint
+    python benches/collapse_report.py --compare --at 500 RUN_DIR...   # each at its last checkpoint <= 500
 
 For every run folder (``collapse_study.py --out``): its settings and wall time, a table of the
 checkpoints (perplexities relative to the unedited model, retention with and without a test-time
@@ -17,6 +18,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 
 def _jsonl(path: Path) -> list:
@@ -90,22 +92,25 @@ def _f(value: float, fmt: str = ".2f") -> str:
     return "–" if value != value else format(value, fmt)
 
 
-def compare(dirs: list) -> str:
-    """One row per run at the last checkpoint every run has reached: perplexities, retention (own
-    prompt, test-time prefix, paraphrase), specificity, efficacy at edit time, drift, steps, write
-    size and seconds per edit (and of them the edit memory's update)."""
+def compare(dirs: list, at: Optional[int] = None) -> str:
+    """One row per run: perplexities, retention (own prompt, test-time prefix, paraphrase),
+    specificity, efficacy at edit time, drift, steps, write size and seconds per edit (and of them
+    the edit memory's update). Without ``at``, at the last checkpoint every run has reached; with it,
+    each run at its own last checkpoint up to ``at`` edits (runs stopped early show fewer)."""
     runs = [(d, _jsonl(d / "checkpoints.jsonl"), _jsonl(d / "edits.jsonl")) for d in dirs]
     reached = [max((p["edits"] for p in points), default=0) for _, points, _ in runs]
-    at = min(reached) if reached else 0
-    head = ("| setting | ME-PPL_50 | WikiText-2 | retention score / top-1 | prefixed score / top-1 "
+    common = min(reached) if reached else 0
+    head = ("| setting | edits | ME-PPL_50 | WikiText-2 | retention score / top-1 | prefixed score / top-1 "
             "| paraphrase score / top-1 | specificity | at edit time score / top-1 | ‖W − W₀‖/‖W₀‖ | steps "
             "| median ‖ΔW‖/‖W‖ | s / edit | memory s / edit |")
-    lines = [f"Figures at {at} edits (– where a run predates the figure).", "", head,
-             "|" + "---|" * (head.count("|") - 1)]
+    title = (f"Figures at {common} edits" if at is None
+             else f"Figures at each run's last checkpoint up to {at} edits")
+    lines = [f"{title} (– where a run predates the figure).", "", head, "|" + "---|" * (head.count("|") - 1)]
     for d, points, edits in runs:
         base = next((p for p in points if p.get("edits") == 0), None)
-        point = next((p for p in points if p.get("edits") == at), None)
-        applied = [e for e in edits if e.get("status") in ("applied", "forced")][:at]
+        here = common if at is None else max((p["edits"] for p in points if 0 < p["edits"] <= at), default=0)
+        point = next((p for p in points if p.get("edits") == here), None)
+        applied = [e for e in edits if e.get("status") in ("applied", "forced")][:here]
         if base is None or point is None or not applied:
             lines.append(f"| {d.name} | " + " | ".join(["–"] * (head.count("|") - 2)) + " |")
             continue
@@ -115,7 +120,7 @@ def compare(dirs: list) -> str:
         at_edit = [e for e in applied if "edit_score" in e]
         memory = [e["seconds"].get("memory", 0.0) for e in applied if "memory" in e.get("seconds", {})]
         lines.append(
-            f"| {d.name} | {100 * (point['ppl'] / base['ppl'] - 1):+.0f}% "
+            f"| {d.name} | {here} | {100 * (point['ppl'] / base['ppl'] - 1):+.0f}% "
             f"| {100 * (point['wikitext_ppl'] / base['wikitext_ppl'] - 1):+.0f}% "
             f"| {_f(g['retention_score'])} / {_f(g['retention'])} "
             f"| {_f(g['retention_score_prefixed'])} / {_f(g['retention_prefixed'])} "
@@ -132,7 +137,14 @@ def compare(dirs: list) -> str:
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--compare"]:
-        print(compare([Path(a) for a in args[1:]]))
+        args = args[1:]
+        at = None
+        if args[:1] == ["--at"]:
+            if len(args) < 2 or not args[1].isdigit() or int(args[1]) < 1:
+                given = args[1] if len(args) > 1 else None
+                raise SystemExit(f"--at: expected a positive number of edits, got {given!r}")
+            at, args = int(args[1]), args[2:]
+        print(compare([Path(a) for a in args], at))
         return 0
     dirs = [Path(a) for a in args]
     if not dirs:

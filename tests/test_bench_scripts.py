@@ -48,3 +48,39 @@ def test_every_named_run_has_valid_settings():
         if "--mode" in words:
             overrides["mode"] = words[words.index("--mode") + 1]
         make_config(**overrides).resolve("llama")  # raises, naming the field, on a typo or a bad value
+
+
+def _fake_run(folder: Path, checkpoints: list, edits: int) -> Path:
+    import json
+
+    folder.mkdir()
+    point = {"ppl": 100.0, "wikitext_ppl": 50.0, "retention_score": 1.0, "retention": 1.0, "specificity": 0.9,
+             "weight_drift": 0.1}
+    (folder / "checkpoints.jsonl").write_text("".join(
+        json.dumps({**point, "edits": n, "ppl": 100.0 + n}) + "\n" for n in [0, *checkpoints]))
+    (folder / "edits.jsonl").write_text("".join(json.dumps(
+        {"status": "applied", "steps": 10 + i, "update_ratio": 0.01, "seconds": {"values": 1.0}}) + "\n"
+        for i in range(edits)))
+    return folder
+
+
+def test_the_comparison_table_reports_each_run_where_it_stands(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benches"))
+    try:
+        from collapse_report import compare, main
+    finally:
+        sys.path.pop(0)
+    long = _fake_run(tmp_path / "long", [50, 100, 150], 160)
+    short = _fake_run(tmp_path / "short", [50], 60)
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in compare([long, short], at=120).splitlines()
+            if r.startswith("| long") or r.startswith("| short")}
+    # each at its own last checkpoint up to 120 edits: ME-PPL_50 is 100 + edits here
+    assert rows["long"][1:3] == ["100", "+100%"] and rows["short"][1:3] == ["50", "+50%"]
+    assert rows["long"][10] == "59.5"  # mean steps over the first 100 edits only
+    common = {r.split(" | ")[0].strip("| "): r.split(" | ")[1] for r in compare([long, short]).splitlines()
+              if r.startswith("| long")}
+    assert common["long"] == "50"
+    with pytest.raises(SystemExit, match="--at: expected a positive number of edits, got 'x'"):
+        main(["--compare", "--at", "x", str(long)])
