@@ -18,7 +18,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if not Path(run).is_dir():
             raise UsageError(f"runs: {run!r} is not a folder")
     check_writable(args.out, "--out", folder=True)
-    files = plot_runs(dict(zip(labels, args.runs)), args.out, title=args.title)
+    if args.max_edits is not None and args.max_edits < 1:
+        raise UsageError(f"--max-edits: expected a positive number of edits, got {args.max_edits}")
+    files = plot_runs(dict(zip(labels, args.runs)), args.out, title=args.title, max_edits=args.max_edits)
     for f in files:
         echo(str(f))
     return 0
@@ -31,4 +33,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for the PNG files")
     p.add_argument("--labels", default=None, help="comma-separated labels, one per run")
     p.add_argument("--title", default=None)
+    p.add_argument("--max-edits", type=int, default=None, help="plot each run up to this many edits")
     p.set_defaults(func=cmd_plot)

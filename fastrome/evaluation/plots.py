@@ -79,49 +79,111 @@ def _legend(ax: Any) -> None:
         ax.legend(fontsize=7, loc="best")
 
 
+# edits per running median in the per-edit figure of a comparison
+EDIT_WINDOW = 25
+
+
+def running_median(values: Sequence[float], window: int) -> List[float]:
+    """Median of each value and the ``window - 1`` before it (fewer at the start), NaNs left out."""
+    out = []
+    for i in range(len(values)):
+        part = sorted(v for v in values[max(0, i - window + 1): i + 1] if v == v)
+        n = len(part)
+        out.append(math.nan if not n else part[n // 2] if n % 2 else (part[n // 2 - 1] + part[n // 2]) / 2)
+    return out
+
+
+def _spans_decades(ax: Any) -> bool:
+    """Whether the curves drawn on ``ax`` reach ten times their smallest positive value."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y == y and y > 0]
+    return bool(ys) and max(ys) >= 10 * min(ys)
+
+
 def _finish(plt: Any, fig: Any, axes: Any, xlabel: str, title: str, path: Path) -> Path:
     axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle(title)
-    fig.tight_layout()
+    # keep about 0.4 inch above the panels for the title, whatever the figure's height
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[str] = None) -> List[Path]:
-    """Plot one or more runs (``{label: run folder}``) on shared axes: ``checkpoints.png`` (every
-    tracked checkpoint metric against the number of edits) and ``per_edit.png`` (the per-edit
-    denominator, update norm, loss, steps and sentinel perplexity). Returns the files written."""
-    if not runs:
-        raise ValueError("runs: expected at least one run folder")
-    plt = _pyplot()
-    data = {label: read_run(path) for label, path in runs.items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+def trim_run(points: List[Dict[str, Any]], entries: List[Dict[str, Any]],
+             max_edits: Optional[int]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """A run read by :func:`read_run` cut at ``max_edits`` edits (``None``: all of it)."""
+    if max_edits is None:
+        return points, entries
+    return [p for p in points if p.get("edits", 0) <= max_edits], entries[:max_edits]
 
+
+# Above this many runs the checkpoint figure gets one panel per metric with one colour per run:
+# the few-runs layout (colour = metric, line style = run) runs out of line styles and its legends
+# outgrow the panels.
+COMPARISON_RUNS = 3
+
+
+def checkpoint_panels(data: Mapping[str, Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]]
+                      ) -> List[Tuple[str, Tuple[Tuple[str, str], ...]]]:
+    """The checkpoint figure's panels, ``[(y label, ((key, metric label), ...)), ...]``: grouped as in
+    :data:`CHECKPOINT_PANELS` for up to :data:`COMPARISON_RUNS` - 1 runs, one metric per panel beyond."""
     def present(key: str) -> bool:
         return any(key in point for points, _ in data.values() for point in points)
 
-    panels = [(name, keys) for name, keys in CHECKPOINT_PANELS if any(present(k) for k, _ in keys)]
+    groups = [(name, tuple((k, w) for k, w in keys if present(k))) for name, keys in CHECKPOINT_PANELS]
+    groups = [(name, keys) for name, keys in groups if keys]
+    if len(data) < COMPARISON_RUNS:
+        return groups
+    return [(f"{what} / unedited" if name.startswith("perplexity") else what, ((key, what),))
+            for name, keys in groups for key, what in keys]
+
+
+def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[str] = None,
+              max_edits: Optional[int] = None) -> List[Path]:
+    """Plot one or more runs (``{label: run folder}``) on shared axes: ``checkpoints.png`` (every
+    tracked checkpoint metric against the number of edits) and ``per_edit.png`` (the per-edit
+    denominator, update norm, loss, steps and sentinel perplexity), each run up to ``max_edits``
+    edits (``None``: all). With a few runs a panel groups related metrics (colour = metric, line
+    style = run); with :data:`COMPARISON_RUNS` or more each metric has its own panel and each run its
+    colour, named once in a shared legend. Returns the files written."""
+    if not runs:
+        raise ValueError("runs: expected at least one run folder")
+    if max_edits is not None and (isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1):
+        raise ValueError(f"max_edits: expected a positive number of edits or None, got {max_edits!r}")
+    plt = _pyplot()
+    data = {label: trim_run(*read_run(path), max_edits) for label, path in runs.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    compare = len(data) >= COMPARISON_RUNS
+
+    panels = checkpoint_panels(data)
     if panels:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, (2.2 if compare else 2.6) * len(panels)),
+                                 sharex=True, squeeze=False)
         for ax, (name, keys) in zip(axes[:, 0], panels):
-            # one colour per metric, one line style per run
             for r, (label, (points, _)) in enumerate(data.items()):
                 for j, (key, what) in enumerate(keys):
                     pts = [p for p in points if key in p and "edits" in p]
                     if not pts:
                         continue
                     ys = _finite([p[key] for p in pts])
-                    if name.startswith("perplexity"):  # relative to the run's first (unedited) checkpoint
+                    if name.startswith(("perplexity", "ME-PPL", "WikiText")):  # relative to the unedited model
                         ys = [y / ys[0] for y in ys] if ys[0] and pts[0]["edits"] == 0 else [math.nan] * len(ys)
-                    tag = f"{label}: {what}" if len(data) > 1 else what
-                    ax.plot([p["edits"] for p in pts], ys, marker=".", color=f"C{j}",
-                            ls=LINESTYLES[r % len(LINESTYLES)], label=tag)
-            ax.set_ylabel(name)
+                    if compare:  # one colour per run (line styles once the colours are used up)
+                        style = {"color": f"C{r % 10}", "ls": LINESTYLES[(r // 10) % len(LINESTYLES)], "label": label}
+                    else:  # one colour per metric, one line style per run
+                        style = {"color": f"C{j}", "ls": LINESTYLES[r % len(LINESTYLES)],
+                                 "label": f"{label}: {what}" if len(data) > 1 else what}
+                    ax.plot([p["edits"] for p in pts], ys, marker=".", **style)
+            if compare and name.endswith("/ unedited") and _spans_decades(ax):
+                ax.set_yscale("log")
+            ax.set_ylabel(name, fontsize=8 if compare else None)
             ax.grid(alpha=0.3)
-            _legend(ax)
+            if not compare:
+                _legend(ax)
+        if compare:
+            axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         written.append(_finish(plt, fig, axes, "edits applied", title or "sequential edits", out / "checkpoints.png"))
     edit_panels = [p for p in EDIT_PANELS if any(p[0] in e for _, entries in data.values() for e in entries)]
     if edit_panels:
@@ -132,13 +194,18 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                 ys = _finite([e.get(key) for e in entries])
                 if key == "denominator_rel":
                     ys = [abs(y) for y in ys]
-                ax.plot(range(1, len(ys) + 1), ys, lw=0.6, color=f"C{r}", label=label)
+                if compare:  # single edits of many runs hide each other: their running median
+                    ys = running_median(ys, EDIT_WINDOW)
+                ax.plot(range(1, len(ys) + 1), ys, lw=1.0 if compare else 0.6, color=f"C{r % 10}",
+                        ls=LINESTYLES[(r // 10) % len(LINESTYLES)], label=label)
             if log:
                 ax.set_yscale("log")
-            ax.set_ylabel(what, fontsize=8)
+            ax.set_ylabel(f"{what}\n(median of {EDIT_WINDOW})" if compare else what, fontsize=8)
             ax.grid(alpha=0.3)
-            if len(data) > 1:
+            if len(data) > 1 and not compare:
                 _legend(ax)
+        if compare:
+            axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         written.append(_finish(plt, fig, axes, "edit number", title or "per edit", out / "per_edit.png"))
     return written
 
