@@ -4,6 +4,7 @@
         benches/results/collapse/original_gentle > benches/results/collapse/summary.md
     python benches/collapse_report.py --compare RUN_DIR...   # one row per run, at a common checkpoint
     python benches/collapse_report.py --compare --at 500 RUN_DIR...   # each at its last checkpoint <= 500
+    python benches/collapse_report.py --compare --labels a,b RUN_A RUN_B   # rows named a and b
 
 For every run folder (``collapse_study.py --out``): its settings and wall time, a table of the
 checkpoints (perplexities relative to the unedited model, retention with and without a test-time
@@ -92,11 +93,15 @@ def _f(value: float, fmt: str = ".2f") -> str:
     return "–" if value != value else format(value, fmt)
 
 
-def compare(dirs: list, at: Optional[int] = None) -> str:
+def compare(dirs: list, at: Optional[int] = None, labels: Optional[list] = None) -> str:
     """One row per run: perplexities, retention (own prompt, test-time prefix, paraphrase),
     specificity, efficacy at edit time, drift, steps, write size and seconds per edit (and of them
     the edit memory's update). Without ``at``, at the last checkpoint every run has reached; with it,
-    each run at its own last checkpoint up to ``at`` edits (runs stopped early show fewer)."""
+    each run at its own last checkpoint up to ``at`` edits (runs stopped early show fewer). Rows are
+    named by ``labels`` (default: the folders' names)."""
+    names = labels or [d.name for d in dirs]
+    if len(names) != len(dirs):
+        raise SystemExit(f"--labels: {len(names)} labels for {len(dirs)} runs")
     runs = [(d, _jsonl(d / "checkpoints.jsonl"), _jsonl(d / "edits.jsonl")) for d in dirs]
     reached = [max((p["edits"] for p in points), default=0) for _, points, _ in runs]
     common = min(reached) if reached else 0
@@ -106,13 +111,13 @@ def compare(dirs: list, at: Optional[int] = None) -> str:
     title = (f"Figures at {common} edits" if at is None
              else f"Figures at each run's last checkpoint up to {at} edits")
     lines = [f"{title} (– where a run predates the figure).", "", head, "|" + "---|" * (head.count("|") - 1)]
-    for d, points, edits in runs:
+    for name, (_, points, edits) in zip(names, runs):
         base = next((p for p in points if p.get("edits") == 0), None)
         here = common if at is None else max((p["edits"] for p in points if 0 < p["edits"] <= at), default=0)
         point = next((p for p in points if p.get("edits") == here), None)
         applied = [e for e in edits if e.get("status") in ("applied", "forced")][:here]
         if base is None or point is None or not applied:
-            lines.append(f"| {d.name} | " + " | ".join(["–"] * (head.count("|") - 2)) + " |")
+            lines.append(f"| {name} | " + " | ".join(["–"] * (head.count("|") - 2)) + " |")
             continue
         g = {k: point.get(k, float("nan")) for k in (
             "retention_score", "retention", "retention_score_prefixed", "retention_prefixed",
@@ -120,7 +125,7 @@ def compare(dirs: list, at: Optional[int] = None) -> str:
         at_edit = [e for e in applied if "edit_score" in e]
         memory = [e["seconds"].get("memory", 0.0) for e in applied if "memory" in e.get("seconds", {})]
         lines.append(
-            f"| {d.name} | {here} | {100 * (point['ppl'] / base['ppl'] - 1):+.0f}% "
+            f"| {name} | {here} | {100 * (point['ppl'] / base['ppl'] - 1):+.0f}% "
             f"| {100 * (point['wikitext_ppl'] / base['wikitext_ppl'] - 1):+.0f}% "
             f"| {_f(g['retention_score'])} / {_f(g['retention'])} "
             f"| {_f(g['retention_score_prefixed'])} / {_f(g['retention_prefixed'])} "
@@ -144,7 +149,12 @@ def main(argv=None) -> int:
                 given = args[1] if len(args) > 1 else None
                 raise SystemExit(f"--at: expected a positive number of edits, got {given!r}")
             at, args = int(args[1]), args[2:]
-        print(compare([Path(a) for a in args], at))
+        labels = None
+        if args[:1] == ["--labels"]:
+            if len(args) < 2:
+                raise SystemExit("--labels: expected comma-separated names, one per run")
+            labels, args = args[1].split(","), args[2:]
+        print(compare([Path(a) for a in args], at, labels))
         return 0
     dirs = [Path(a) for a in args]
     if not dirs:

@@ -82,5 +82,9 @@ def test_the_comparison_table_reports_each_run_where_it_stands(tmp_path):
     common = {r.split(" | ")[0].strip("| "): r.split(" | ")[1] for r in compare([long, short]).splitlines()
               if r.startswith("| long")}
     assert common["long"] == "50"
+    named = compare([long, short], at=120, labels=["classic", "memory"]).splitlines()
+    assert [r.split(" | ")[0] for r in named[-2:]] == ["| classic", "| memory"]
+    with pytest.raises(SystemExit, match="--labels: 1 labels for 2 runs"):
+        main(["--compare", "--labels", "a", str(long), str(short)])
     with pytest.raises(SystemExit, match="--at: expected a positive number of edits, got 'x'"):
         main(["--compare", "--at", "x", str(long)])
