@@ -10,6 +10,8 @@
 set -euo pipefail
 # Every setting is spelled out from classic ROME (--classic), so a run means the same whatever the
 # library's defaults are; `default` is fastrome's default configuration.
+# Dual runs with a memory started before memory_dual_keys existed kept both keys; they say so, so
+# that they resume whatever the library's default is now.
 declare -A SETTINGS=(
   [default]=""
   [classic]="--classic"                                              # one-shot ROME, each edit alone
@@ -19,10 +21,10 @@ declare -A SETTINGS=(
   [memory+mpes]="--classic --set memory_beta=0.02 --set mpes_checks=2"
   [memory+mpes-p50]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
   [memory+mpes-p50+spread]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5 --set spread=4"
-  [memory+mpes+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2"
-  [memory+mpes-p50+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5"
+  [memory+mpes+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set memory_dual_keys=both"
+  [memory+mpes-p50+dual]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set mpes_min_prob=0.5 --set memory_dual_keys=both"
   [memory+mpes+spread]="--classic --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
-  [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4"
+  [memory+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set mpes_checks=2 --set spread=4 --set memory_dual_keys=both"
   [memory1+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
   [mpes+dual+spread]="--classic --mode dual --set mpes_checks=2 --set spread=4"
   # the default with δ shrunk to the least fraction that keeps the target on top once MPES fires

@@ -36,6 +36,16 @@ def settings_made_with(recorded: Dict[str, Any], fields: Tuple[str, ...] = LIFEL
     return {**{k: FIRST_DEFAULTS.get(k, today.get(k)) for k in fields if k not in recorded}, **recorded}
 
 
+def settings_that_act(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """``settings`` without those that cannot change an edit under the others, so that a run resumes
+    whatever value they were recorded with: which keys of a dual edit the memory keeps means nothing
+    without a memory or outside mode "dual"."""
+    acting = dict(settings)
+    if acting.get("mode") != "dual" or not acting.get("memory_beta"):
+        acting.pop("memory_dual_keys", None)
+    return acting
+
+
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
 # optimised until the loss threshold. The default differs from it only in these fields, so
 # ``Editor(model, tok, **CLASSIC)`` (``--classic`` on the command line) is the one setting away.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fastrome.adapter import ModelAdapter
-from fastrome.config import EditConfig, settings_made_with
+from fastrome.config import EditConfig, settings_made_with, settings_that_act
 from fastrome.journal import (
     Journal,
     JournalEntry,
@@ -340,9 +340,9 @@ class EditHistory:
         recorded = next((e.record.get("settings") for e in reversed(entries) if e.record.get("settings")), None)
         if not recorded:
             return
-        now = self.config.lifelong_settings()
+        now = settings_that_act(self.config.lifelong_settings())
         # a setting added after the journal was written was, for its edits, at the default it had then
-        recorded = settings_made_with(recorded)
+        recorded = settings_that_act(settings_made_with(recorded))
         differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
         if differ:
             said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))

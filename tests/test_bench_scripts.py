@@ -31,7 +31,8 @@ def test_an_unknown_run_is_refused_before_any_work():
     assert out.returncode == 2 and "unknown run 'no-such-run'" in out.stderr
 
 
-def test_every_named_run_has_valid_settings():
+def _named_configs() -> dict:
+    """{run name: its EditConfig resolved for Llama}, as ``lifelong_runs.sh NAME`` would make it."""
     import sys
 
     sys.path.insert(0, str(ROOT / "benches"))
@@ -41,13 +42,44 @@ def test_every_named_run_has_valid_settings():
         sys.path.pop(0)
     from fastrome.config import CLASSIC, make_config
 
+    configs = {}
     for name, value in dict(line.split(": ", 1) for line in lifelong("--list").stdout.splitlines()).items():
         words = [] if name == "default" else value.split()
         sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
         overrides = {**(CLASSIC if "--classic" in words else {}), **parse_overrides(sets)}
         if "--mode" in words:
             overrides["mode"] = words[words.index("--mode") + 1]
-        make_config(**overrides).resolve("llama")  # raises, naming the field, on a typo or a bad value
+        configs[name] = make_config(**overrides).resolve("llama")  # raises, naming the field, on a bad value
+    return configs
+
+
+def test_every_named_run_has_valid_settings():
+    assert "default" in _named_configs()
+
+
+def test_every_named_run_resumes_the_journals_kept_under_its_name():
+    """A run's line must keep meaning the settings its committed journals were made with, whatever
+    the library's defaults have become since (a run that cannot resume loses its CPU hours)."""
+    import json
+
+    from fastrome.config import settings_made_with, settings_that_act
+
+    configs = _named_configs()
+    checked = 0
+    for edits in sorted((ROOT / "benches" / "results" / "lifelong").glob("*/*/edits.jsonl")):
+        name = edits.parent.name
+        if name not in configs:
+            continue
+        recorded = next((json.loads(line).get("settings") for line in edits.read_text().splitlines()
+                         if line.strip() and json.loads(line).get("settings")), None)
+        if not recorded:
+            continue
+        made_with = settings_that_act(settings_made_with(recorded))
+        now = settings_that_act(configs[name].lifelong_settings())
+        differ = {k: (v, now[k]) for k, v in made_with.items() if k in now and now[k] != v}
+        assert not differ, f"{edits.parent.relative_to(ROOT)}: made with / named now {differ}"
+        checked += 1
+    assert checked >= 5  # the committed runs are there to check
 
 
 def _fake_run(folder: Path, checkpoints: list, edits: int) -> Path:

@@ -184,3 +184,25 @@ def test_a_journal_from_before_a_setting_existed_counts_with_that_settings_first
         editor(fresh, tok, journal=tmp_path / "j", **{**kw, "v_optimizer": "normalized"})
     resumed = editor(fresh, tok, journal=tmp_path / "j", **kw)
     assert resumed.done_case_ids() == [1]
+
+
+@pytest.mark.parametrize("kw", [dict(mode="consistent", memory_beta=2.0), dict(mode="dual", memory_beta=0.0)])
+def test_which_keys_a_memory_keeps_does_not_stop_a_resume_where_it_cannot_act(make_tiny, tmp_path, kw):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, journal=tmp_path / "j", memory_dual_keys="both", **kw)
+    ed.edit(REQS[:1])
+    ed.close()
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    resumed = editor(fresh, tok, journal=tmp_path / "j", memory_dual_keys="prompt", **kw)
+    assert resumed.done_case_ids() == [1]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_which_keys_a_dual_memory_keeps_must_match_to_resume(make_tiny, tmp_path):
+    model, tok = make_tiny("llama-bytelevel", layers=3)
+    ed = editor(model, tok, journal=tmp_path / "j", mode="dual", memory_beta=2.0, memory_dual_keys="both")
+    ed.edit(REQS[:1])
+    ed.close()
+    fresh, _ = make_tiny("llama-bytelevel", layers=3)
+    with pytest.raises(ValueError, match="memory_dual_keys='both' \\(this editor: 'prompt'\\)"):
+        editor(fresh, tok, journal=tmp_path / "j", mode="dual", memory_beta=2.0, memory_dual_keys="prompt")
