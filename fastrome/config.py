@@ -46,6 +46,14 @@ def settings_that_act(settings: Dict[str, Any]) -> Dict[str, Any]:
     return acting
 
 
+def settings_that_differ(recorded: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{field: (recorded value, value now)}`` for the lifelong settings an edit was ``recorded`` with
+    that a run under ``now`` would change: only settings that act, and a field the record predates
+    taken at its first default (:func:`settings_made_with`)."""
+    was, have = settings_that_act(settings_made_with(recorded)), settings_that_act(now)
+    return {k: (v, have[k]) for k, v in was.items() if k in have and have[k] != v}
+
+
 # Classic one-edit ROME (consistent keys): every edit solved as if it were the only one, the value
 # optimised until the loss threshold. The default differs from it only in these fields, so
 # ``Editor(model, tok, **CLASSIC)`` (``--classic`` on the command line) is the one setting away.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fastrome.adapter import ModelAdapter
-from fastrome.config import EditConfig, settings_made_with, settings_that_act
+from fastrome.config import EditConfig, settings_that_differ
 from fastrome.journal import (
     Journal,
     JournalEntry,
@@ -340,10 +340,7 @@ class EditHistory:
         recorded = next((e.record.get("settings") for e in reversed(entries) if e.record.get("settings")), None)
         if not recorded:
             return
-        now = settings_that_act(self.config.lifelong_settings())
-        # a setting added after the journal was written was, for its edits, at the default it had then
-        recorded = settings_that_act(settings_made_with(recorded))
-        differ = {k: (v, now.get(k)) for k, v in recorded.items() if k in now and now[k] != v}
+        differ = settings_that_differ(recorded, self.config.lifelong_settings())
         if differ:
             said = ", ".join(f"{k}={was!r} (this editor: {have!r})" for k, (was, have) in sorted(differ.items()))
             raise ValueError(f"journal {self.journal.path}: its edits were made with {said}; resume with the "

@@ -62,7 +62,7 @@ def test_every_named_run_resumes_the_journals_kept_under_its_name():
     the library's defaults have become since (a run that cannot resume loses its CPU hours)."""
     import json
 
-    from fastrome.config import settings_made_with, settings_that_act
+    from fastrome.config import settings_that_differ
 
     configs = _named_configs()
     checked = 0
@@ -74,9 +74,7 @@ def test_every_named_run_resumes_the_journals_kept_under_its_name():
                          if line.strip() and json.loads(line).get("settings")), None)
         if not recorded:
             continue
-        made_with = settings_that_act(settings_made_with(recorded))
-        now = settings_that_act(configs[name].lifelong_settings())
-        differ = {k: (v, now[k]) for k, v in made_with.items() if k in now and now[k] != v}
+        differ = settings_that_differ(recorded, configs[name].lifelong_settings())
         assert not differ, f"{edits.parent.relative_to(ROOT)}: made with / named now {differ}"
         checked += 1
     assert checked >= 5  # the committed runs are there to check

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,6 +24,8 @@ CHECKPOINT_PANELS: Tuple[Tuple[str, Tuple[Tuple[str, str], ...]], ...] = (
     ("generation entropy", (("entropy_norm", "n-gram entropy / unedited"),)),
     ("weight drift", (("weight_drift", "largest ‖W − W₀‖ / ‖W₀‖ over the edited layers"),)),
 )
+# checkpoint metrics drawn relative to the run's unedited checkpoint
+RELATIVE_KEYS = frozenset({"ppl", "wikitext_ppl"})
 LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 EDIT_PANELS: Tuple[Tuple[str, str, bool], ...] = (
     ("denominator_rel", "uᵀk / (‖u‖‖k‖)", True),
@@ -87,10 +90,14 @@ def running_median(values: Sequence[float], window: int) -> List[float]:
     """Median of each value and the ``window - 1`` before it (fewer at the start), NaNs left out."""
     out = []
     for i in range(len(values)):
-        part = sorted(v for v in values[max(0, i - window + 1): i + 1] if v == v)
-        n = len(part)
-        out.append(math.nan if not n else part[n // 2] if n % 2 else (part[n // 2 - 1] + part[n // 2]) / 2)
+        part = [v for v in values[max(0, i - window + 1): i + 1] if v == v]
+        out.append(statistics.median(part) if part else math.nan)
     return out
+
+
+def _run_legend(axes: Any) -> None:
+    """One legend of the runs, beside the top panel (every panel draws the runs in the same colours)."""
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _spans_decades(ax: Any) -> bool:
@@ -117,7 +124,7 @@ def trim_run(points: List[Dict[str, Any]], entries: List[Dict[str, Any]],
     return [p for p in points if p.get("edits", 0) <= max_edits], entries[:max_edits]
 
 
-# Above this many runs the checkpoint figure gets one panel per metric with one colour per run:
+# From this many runs on, the checkpoint figure gets one panel per metric with one colour per run:
 # the few-runs layout (colour = metric, line style = run) runs out of line styles and its legends
 # outgrow the panels.
 COMPARISON_RUNS = 3
@@ -134,7 +141,7 @@ def checkpoint_panels(data: Mapping[str, Tuple[List[Dict[str, Any]], List[Dict[s
     groups = [(name, keys) for name, keys in groups if keys]
     if len(data) < COMPARISON_RUNS:
         return groups
-    return [(f"{what} / unedited" if name.startswith("perplexity") else what, ((key, what),))
+    return [(f"{what} / unedited" if key in RELATIVE_KEYS else what, ((key, what),))
             for name, keys in groups for key, what in keys]
 
 
@@ -168,7 +175,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                     if not pts:
                         continue
                     ys = _finite([p[key] for p in pts])
-                    if name.startswith(("perplexity", "ME-PPL", "WikiText")):  # relative to the unedited model
+                    if key in RELATIVE_KEYS:  # relative to the run's first (unedited) checkpoint
                         ys = [y / ys[0] for y in ys] if ys[0] and pts[0]["edits"] == 0 else [math.nan] * len(ys)
                     if compare:  # one colour per run (line styles once the colours are used up)
                         style = {"color": f"C{r % 10}", "ls": LINESTYLES[(r // 10) % len(LINESTYLES)], "label": label}
@@ -176,14 +183,14 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
                         style = {"color": f"C{j}", "ls": LINESTYLES[r % len(LINESTYLES)],
                                  "label": f"{label}: {what}" if len(data) > 1 else what}
                     ax.plot([p["edits"] for p in pts], ys, marker=".", **style)
-            if compare and name.endswith("/ unedited") and _spans_decades(ax):
+            if compare and any(k in RELATIVE_KEYS for k, _ in keys) and _spans_decades(ax):
                 ax.set_yscale("log")
             ax.set_ylabel(name, fontsize=8 if compare else None)
             ax.grid(alpha=0.3)
             if not compare:
                 _legend(ax)
         if compare:
-            axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+            _run_legend(axes)
         written.append(_finish(plt, fig, axes, "edits applied", title or "sequential edits", out / "checkpoints.png"))
     edit_panels = [p for p in EDIT_PANELS if any(p[0] in e for _, entries in data.values() for e in entries)]
     if edit_panels:
@@ -205,7 +212,7 @@ def plot_runs(runs: Mapping[str, PathLike], out_dir: PathLike, title: Optional[s
             if len(data) > 1 and not compare:
                 _legend(ax)
         if compare:
-            axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+            _run_legend(axes)
         written.append(_finish(plt, fig, axes, "edit number", title or "per edit", out / "per_edit.png"))
     return written
 
