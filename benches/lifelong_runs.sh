@@ -31,6 +31,10 @@ declare -A SETTINGS=(
   [memory1+mpes-shrink+dual+spread]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set mpes_shrink=true --set spread=4"
   # the default with ENCORE's norm constraint: α·I in the solve, α = 0.1 of C's mean diagonal
   [memory1+mpes+dual+spread+norm0.1]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4 --set norm_alpha=0.1"
+  # the default with a softer memory: β·kᵀC⁻¹k ≈ 9.5 and ≈ 1 instead of ≈ 95, so earlier keys are held
+  # less tightly and fill less of the key space (d = 1,536) that later edits must fit in
+  [memory1-beta0.002+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.002 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
+  [memory1-beta0.0002+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.0002 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
   # ngd with each edit shared among 6 layers (1-6) instead of 4
   [ngd+spread6]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=6 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"

@@ -232,6 +232,14 @@ class Editor:
             else:
                 per_layer[layer] = arg
         to_compute = [layer for layer, spec in per_layer.items() if spec is None]
+        if to_compute and not isinstance(arg, Mapping):
+            # One pass over the corpus serves any number of layers: the editor's own spread group joins
+            # it, or asking for the edit layer's solver alone (stats_source()) costs a second pass at
+            # the first spread edit.
+            group = [layer for layer in spread_layers(self.layer, self.config.spread)
+                     if layer >= 0 and layer not in self._solvers and layer not in per_layer]
+            to_compute += group
+            missing = sorted(set(missing) | set(group))
         for layer, spec in per_layer.items():
             if spec is not None:
                 # a statistics file is checked against the unedited model it was computed on

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 try:
     import fcntl
@@ -26,12 +26,22 @@ class FolderLock:
     Args:
         folder: the folder to lock (created if missing).
         what: how the error names the folder ("journal", "run directory", ...).
+        wait: block until another process's hold ends instead of raising (a hold by this same
+            process still raises: waiting on it would never end).
+        on_wait: called once with the holder's description (" (process N)" or "") before blocking.
     Raises:
         FolderBusy: the folder is locked by another writer; the message names the folder and the
             holder's process id.
     """
 
-    def __init__(self, folder: Union[str, "os.PathLike[str]"], what: str):
+    def __init__(
+        self,
+        folder: Union[str, "os.PathLike[str]"],
+        what: str,
+        *,
+        wait: bool = False,
+        on_wait: Optional[Callable[[str], None]] = None,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._fd: Optional[int] = None
@@ -44,11 +54,17 @@ class FolderLock:
                 # a writer of this process that was dropped but not yet collected still holds it
                 gc.collect()
                 if not self._try(fd):
-                    holder = _read_holder(fd)
-                    raise FolderBusy(
-                        f"{what} {str(self.folder)!r} is in use by another writer{holder}: two runs writing "
-                        "one folder would corrupt it; wait for the other to finish, or use another folder"
-                    )
+                    pid = _holder_pid(fd)
+                    holder = _describe(pid)
+                    if wait and pid != os.getpid():
+                        if on_wait is not None:
+                            on_wait(holder)
+                        fcntl.flock(fd, fcntl.LOCK_EX)  # until the holder releases it or exits
+                    else:
+                        raise FolderBusy(
+                            f"{what} {str(self.folder)!r} is in use by another writer{holder}: two runs "
+                            "writing one folder would corrupt it; wait for the other to finish, or use another folder"
+                        )
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
@@ -81,11 +97,16 @@ class FolderLock:
             pass
 
 
-def _read_holder(fd: int) -> str:
+def _holder_pid(fd: int) -> Optional[int]:
+    """The process id the holder wrote into the lock file, or None when it cannot be read."""
     try:
         pid = os.pread(fd, 32, 0).decode().strip()
     except OSError:
+        return None
+    return int(pid) if pid.isdigit() else None
+
+
+def _describe(pid: Optional[int]) -> str:
+    if pid is None:
         return ""
-    if not pid.isdigit():
-        return ""
-    return f" (process {pid}{', this one' if int(pid) == os.getpid() else ''})"
+    return f" (process {pid}{', this one' if pid == os.getpid() else ''})"

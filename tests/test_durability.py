@@ -396,3 +396,13 @@ def test_a_non_finite_weight_in_the_edited_layer_is_refused_before_any_work(make
     with pytest.raises(ValueError, match=r"model: model\.layers\.1\.mlp\.down_proj\.weight holds 1 non-finite"):
         run(ed, REQS[:1])
     assert all(torch.equal(x, y) or (torch.isnan(x) == torch.isnan(y)).all() for x, y in zip(weights(model), before))
+
+
+def test_waiting_for_a_lock_this_process_holds_raises_instead_of_hanging(tmp_path):
+    from fastrome.locking import FolderLock
+
+    held = FolderLock(tmp_path, "statistics cache")
+    with pytest.raises(FolderBusy, match=r"statistics cache .* \(process \d+, this one\)"):
+        FolderLock(tmp_path, "statistics cache", wait=True)
+    held.release()
+    FolderLock(tmp_path, "statistics cache", wait=True).release()

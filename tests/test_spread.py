@@ -239,3 +239,29 @@ def test_statistics_are_the_unedited_models_also_in_a_resumed_run(make_tiny, tmp
     resumed.edit(REQS[1])
     ed.edit(REQS[1])
     assert all(same_bits(x, y) for x, y in zip(weights(fresh), weights(model)))
+
+
+def test_the_edit_layers_statistics_are_computed_in_one_pass_with_its_spread_group(make_tiny, tmp_path, monkeypatch):
+    # Asking for the edit layer's solver (stats_source(), as a run's header does) before the first
+    # edit must not cost a second pass over the corpus for the layers below it.
+    import fastrome.editor as editor_module
+
+    passes = []
+    real = editor_module.load_or_compute
+
+    def counting(adapter, tokenizer, layers, **kw):
+        passes.append(sorted(layers))
+        return real(adapter, tokenizer, layers, **kw)
+
+    monkeypatch.setattr(editor_module, "load_or_compute", counting)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{i}: Rome is the capital of Italy." for i in range(20)), encoding="utf-8")
+    model, tok = make_tiny("llama-bytelevel")
+    ed = Editor(model, tok, corpus=str(corpus), stats_tokens=200, stats_max_len=32, layer=3, spread=3,
+                **FAST)
+    ed.stats_source()
+    ed.edit(REQS[0])
+    assert passes == [[1, 2, 3]]
+    # a layer outside the group is computed alone, when it is first needed
+    ed.solver(0)
+    assert passes == [[1, 2, 3], [0]]

@@ -136,6 +136,63 @@ def test_cache_key_and_reuse(make_tiny, small_corpus, tmp_path, monkeypatch):
     assert open_corpus(other).id != corpus.id
 
 
+def test_a_second_process_waits_for_the_statistics_another_is_computing(make_tiny, small_corpus, tmp_path,
+                                                                         monkeypatch):
+    """Two runs started together used to compute the same layers side by side, each on half the
+    CPU; the second now waits for the first and reads the file it wrote."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    import fastrome.stats.cache as stats_cache
+
+    model, tok = make_tiny("llama-bytelevel")
+    adapter = ModelAdapter(model)
+    corpus = open_corpus(small_corpus)
+    kw = dict(corpus=corpus, tokens=400, max_len=64, progress=False)
+    first = load_or_compute(adapter, tok, [1], cache_root=tmp_path / "a", **kw)[1]
+    (written,) = (tmp_path / "a" / "stats").glob("*.safetensors")
+    shared = tmp_path / "b"
+    target = shared / "stats" / written.name
+    # the other process: holds the cache while it "computes", then writes the file and exits
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import shutil, sys
+            from fastrome.locking import FolderLock
+            lock = FolderLock({str(shared / "stats")!r}, "statistics cache")
+            print("locked", flush=True)
+            sys.stdin.read()
+            shutil.copyfile({str(written)!r}, {str(target)!r})
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    waited = []
+
+    def finish_the_other(holder_text):
+        waited.append(holder_text)
+        holder.stdin.close()
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed although another process was writing these statistics")
+
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(stats_cache, "_say_waiting", finish_the_other)
+        monkeypatch.setattr(stats_cache, "compute", no_compute)
+        got = load_or_compute(adapter, tok, [1], cache_root=shared, **kw)[1]
+    finally:
+        if not holder.stdin.closed:
+            holder.stdin.close()
+        holder.wait(timeout=60)
+    assert waited == [f" (process {holder.pid})"]
+    assert torch.equal(got.sum, first.sum) and got.meta["path"] == str(target)
+    # a layer the other process did not write is computed once the cache is free
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "a")
+    assert set(load_or_compute(adapter, tok, [1, 2], cache_root=shared, **kw)) == {1, 2}
+
+
 def test_corrupted_cache_is_detected_and_recomputed(make_tiny, small_corpus, tmp_path, caplog):
     model, tok = make_tiny("gpt2-bytelevel")
     adapter = ModelAdapter(model)
@@ -184,4 +241,5 @@ def test_editor_computes_default_statistics_from_a_corpus_path(make_tiny, small_
         warnings.simplefilter("error")  # nothing here may warn: no identity fallback, no ridge escalation
         solver = ed.solver(1)
     assert solver.dim == ed.adapter.d_in and "400 tokens" in ed.stats_source(1)
-    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 1
+    # the same pass served layer 0, which the default spread edit at layer 1 also writes
+    assert sorted(f.name.split("_")[1] for f in (tmp_path / "stats").glob("*.safetensors")) == ["L0", "L1"]
