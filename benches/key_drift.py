@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     chol = {}
     for layer in layers:
         C = stats.pop(layer).matrix.double()
-        chol[layer] = torch.linalg.cholesky(C + 1e-6 * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype))
+        ridge = 1e-6 * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype)
+        chol[layer] = torch.linalg.cholesky(C + ridge)
         del C
     base = {layer: adapter.weight(layer).detach().clone() for layer in layers}
     pad = pad_id(tok)
