@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 
-def _layer_rows(journal, layer: int):
+def layer_rows(journal, layer: int):
     return [e for e in journal.entries if e.layer == layer]
 
 
@@ -81,6 +81,25 @@ def analyse_layer(entries, C: torch.Tensor, W0: torch.Tensor, *, every: int, bet
     return rows
 
 
+def open_run(run: Path, stats_tokens: int):
+    """``(journal, adapter, tokenizer, layers, {layer: statistics})`` of a run folder: its journal
+    (which must keep keys), the unedited model and the cached statistics of every layer it wrote."""
+    from fastrome.adapter import ModelAdapter
+    from fastrome.cache import cache_dir
+    from fastrome.journal import Journal
+    from fastrome.models import load_model
+    from fastrome.stats import load_or_compute
+
+    journal = Journal.read(run / "journal")
+    if journal.entries and journal.entries[0].key is None:
+        raise SystemExit(f"{run}: its journal keeps no keys (written before keys were kept)")
+    model, tok = load_model()
+    adapter = ModelAdapter(model)
+    layers = sorted({e.layer for e in journal.entries})
+    stats = load_or_compute(adapter, tok, layers, tokens=stats_tokens, cache_root=cache_dir(), progress=False)
+    return journal, adapter, tok, layers, stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -91,28 +110,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from fastrome.adapter import ModelAdapter
-    from fastrome.cache import cache_dir
-    from fastrome.journal import Journal
-    from fastrome.models import load_model
-    from fastrome.stats import load_or_compute
-
     run = json.loads((args.run / "run.json").read_text())
     settings = run.get("settings", {})
     beta = args.beta if args.beta is not None else (settings.get("memory_beta") or 0.02)
     keys = args.keys or settings.get("memory_dual_keys", "both")
-    journal = Journal.read(args.run / "journal")
-    if journal.entries and journal.entries[0].key is None:
-        raise SystemExit(f"{args.run}: its journal keeps no keys (written before keys were kept)")
-    model, tok = load_model()
-    adapter = ModelAdapter(model)
-    layers = sorted({e.layer for e in journal.entries})
-    stats = load_or_compute(adapter, tok, layers, tokens=args.stats_tokens, cache_root=cache_dir(), progress=False)
+    journal, adapter, _, layers, stats = open_run(args.run, args.stats_tokens)
     result = {"run": str(args.run), "beta": beta, "keys": keys, "torch": torch.__version__, "layers": {}}
     for layer in layers:
         C = stats[layer].matrix.double()
         W0 = adapter.weight(layer).detach().double()  # the loaded model is the unedited one
-        rows = analyse_layer(_layer_rows(journal, layer), C, W0, every=args.every, beta=beta, keys=keys)
+        rows = analyse_layer(layer_rows(journal, layer), C, W0, every=args.every, beta=beta, keys=keys)
         result["layers"][str(layer)] = rows
         print(f"layer {layer} (d = {C.shape[0]}, memory β {beta:g}, keys {keys})")
         print("| edits | ‖ΔW‖/‖W₀‖ | energy | coherence | edit energy (median) | key reach "

@@ -31,11 +31,6 @@ from typing import Dict, List
 import torch
 
 
-def layer_rows(entries, layer: int):
-    """The journal's entries at ``layer``, in edit order."""
-    return [e for e in entries if e.layer == layer]
-
-
 def prompt_key(entry) -> torch.Tensor:
     """The stored key of the edit's plain prompt (k_u in the dual mode, k̄ otherwise), fp64."""
     return entry.key.reshape(-1, entry.key.shape[-1])[-1].double()
@@ -74,25 +69,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from fastrome.adapter import ModelAdapter
-    from fastrome.cache import cache_dir
-    from fastrome.journal import Journal
+    from edit_capacity import layer_rows, open_run  # beside this script
+
     from fastrome.keys import capture_at
-    from fastrome.models import load_model
     from fastrome.prompts import subject_prompt
     from fastrome.requests import parse_requests
-    from fastrome.stats import load_or_compute
     from fastrome.tokens import pad_id
 
-    journal = Journal.read(args.run / "journal")
-    if journal.entries and journal.entries[0].key is None:
-        raise SystemExit(f"{args.run}: its journal keeps no keys (written before keys were kept)")
-    model, tok = load_model()
-    adapter = ModelAdapter(model)
-    layers = sorted({e.layer for e in journal.entries})
-    per_layer = {layer: layer_rows(journal.entries, layer) for layer in layers}
+    journal, adapter, tok, layers, stats = open_run(args.run, args.stats_tokens)
+    per_layer = {layer: layer_rows(journal, layer) for layer in layers}
     n_edits = min(len(rows) for rows in per_layer.values())
-    stats = load_or_compute(adapter, tok, layers, tokens=args.stats_tokens, cache_root=cache_dir(), progress=False)
     chol = {}
     for layer in layers:
         C = stats.pop(layer).matrix.double()

@@ -92,7 +92,7 @@ def load_or_compute(
         corpus = open_corpus(corpus)
     budget = int(tokens) if tokens is not None else default_token_budget(adapter.d_in)
     dname = str(dtype).replace("torch.", "")
-    rank, world, dist = dist_info()
+    rank, _, dist = dist_info()
     found, missing, paths = _read_cached(adapter, layers, cache_root, corpus.id, budget, max_len, dname, packing)
     if dist is not None:
         # Every rank must enter the same pass (its all-reduce would otherwise wait forever), even
