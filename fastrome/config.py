@@ -19,7 +19,8 @@ V_OPTIMIZERS = ("adam", "normalized")
 UPDATE_FORMS = ("exact", "alphaedit")
 # The settings that shape how edits interact over a long run: recorded with every edit, and a run
 # resumed from its journal must keep them.
-LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys", "mpes_checks",
+LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys",
+                   "memory_refresh_every", "mpes_checks",
                    "mpes_min_prob", "mpes_shrink", "v_optimizer", "norm_alpha",
                    "value_norm", "value_norm_factor", "null_space", "update_form")
 
@@ -39,10 +40,12 @@ def settings_made_with(recorded: Dict[str, Any], fields: Tuple[str, ...] = LIFEL
 def settings_that_act(settings: Dict[str, Any]) -> Dict[str, Any]:
     """``settings`` without those that cannot change an edit under the others, so that a run resumes
     whatever value they were recorded with: which keys of a dual edit the memory keeps means nothing
-    without a memory or outside mode "dual"."""
+    without a memory or outside mode "dual", and how often the memory re-reads its keys nothing without one."""
     acting = dict(settings)
     if acting.get("mode") != "dual" or not acting.get("memory_beta"):
         acting.pop("memory_dual_keys", None)
+    if not acting.get("memory_beta"):
+        acting.pop("memory_refresh_every", None)
     return acting
 
 
@@ -138,6 +141,12 @@ class EditConfig:
     # constraint), so "both" fills a d-dimensional layer after d/2 edits and "prompt" after d.
     # "prompt" measured ahead over 500 sequential edits (benches/results/lifelong/500/summary.md)
     memory_dual_keys: str = "prompt"
+    # re-read every remembered edit's key from the edited model after every this many edits and
+    # rebuild the memory from them (0: each key stays as it was solved). Edits at lower layers
+    # (a spread edit's first parts, later edits) move the keys an edit's subject has at the layers
+    # above; the memory then guards where the subjects no longer are
+    # (benches/results/lifelong/1000/key_drift_default.md)
+    memory_refresh_every: int = 0
     # norm constraint (ENCORE's Frobenius term): α·I added to the solve, as a fraction of C's scale
     # (mean |diag C|), on top of the numerical ridge; trades ‖ΔW‖_F against interference on ordinary keys
     norm_alpha: float = 0.0
@@ -213,6 +222,8 @@ class EditConfig:
             raise bad("memory_refactor_every", "a positive int")
         if self.memory_dual_keys not in MEMORY_DUAL_KEYS:
             raise bad("memory_dual_keys", f"one of {MEMORY_DUAL_KEYS}")
+        if not integer(self.memory_refresh_every) or self.memory_refresh_every < 0:
+            raise bad("memory_refresh_every", "an int >= 0 (0: keys stay as solved)")
         if not (number(self.norm_alpha) and math.isfinite(self.norm_alpha) and self.norm_alpha >= 0):
             raise bad("norm_alpha", "a finite non-negative number (0: off)")
         if self.value_norm not in VALUE_NORMS:

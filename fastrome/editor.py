@@ -34,6 +34,7 @@ from fastrome.pretrained import read_pretrained, write_pretrained
 from fastrome.progress import show_progress
 from fastrome.projection import AlphaEditSolver, ProjectedSolver, null_space_projector
 from fastrome.prompts import edit_prompts, subject_prompt
+from fastrome.refresh import read_memory_rows
 from fastrome.report import EditRecord, EditReport
 from fastrome.requests import EditRequest, RequestError, RequestLike, parse_requests
 from fastrome.solver import CovarianceSolver
@@ -138,6 +139,7 @@ class Editor:
         self.journal = Journal(journal)
         # what undo, replay and resume need beside the journal (``self.history`` is this session's records)
         self._past = EditHistory(self.adapter, self.journal, cfg, self._solvers)
+        self._past.key_reader = self._read_memory_rows
         self._writer = LayerWriter(self.adapter, cfg, self._solvers, self._past)
         try:
             if len(self.journal):
@@ -178,6 +180,11 @@ class Editor:
             )
             self.journal.note_templates(self._templates)
         return self._templates
+
+    def _read_memory_rows(self, groups: List[List[JournalEntry]]) -> Dict[int, List[Tensor]]:
+        """The memory rows of these journal edits read from the model now (:mod:`fastrome.refresh`)."""
+        return read_memory_rows(self.adapter, self.tokenizer, self.templates(), self.config.mode,
+                                self.config.memory_dual_keys, groups)
 
     def use_templates(self, templates: Sequence[str]) -> None:
         """Edit with these context templates instead of ones sampled from the model.
@@ -278,7 +285,7 @@ class Editor:
         for layer in layers:
             if cfg.memory_beta > 0:
                 memory = EditMemory(self._solvers[layer], cfg.memory_beta, cfg.memory_refactor_every)
-                memory.rebuild(self._past.journal_keys(layer))
+                memory.rebuild(self._past.memory_keys(layer))
                 self._solvers[layer] = memory
             if cfg.null_space > 0:
                 projector, rank = self._projectors.pop(layer)
@@ -450,6 +457,10 @@ class Editor:
                         self._apply(reqs[i], layers[i], keys, vr, rec)
                     else:
                         self._apply_spread(reqs[i], layers[i], templates, vr, residual, rec)
+                    if rec.applied:
+                        refreshed = self._past.refresh_memory()
+                        if refreshed:
+                            rec.seconds["refresh"] = refreshed
                     report.records.append(rec)
                     self.history.append(rec)
                     bar.update(1)

@@ -9,7 +9,8 @@ keeps the rest of what the weights of a run depend on, and rebuilds them from th
 - **running totals**: each layer's summed ``‖ΔW‖/‖W‖``, which the guards cap;
 - **checkpoints**: per layer, copies of its state after recent writes, so undoing the latest edits
   replays a few entries instead of the whole journal;
-- **edit memory**: each layer's memory of solved keys is kept in step with the journal's edits.
+- **edit memory**: each layer's memory of solved keys is kept in step with the journal's edits,
+  with the keys re-read from the model at each refresh point (:mod:`fastrome.refresh`).
 
 Every rebuild is bit for bit the state of a run in which the removed edits were never made.
 """
@@ -42,6 +43,7 @@ from fastrome.journal import (
 from fastrome.memory import EditMemory
 from fastrome.pretrained import SavedEdits
 from fastrome.projection import ProjectedSolver
+from fastrome.refresh import KeyReader, refresh_point
 from fastrome.solver import CovarianceSolver
 
 _log = logging.getLogger(__name__)
@@ -110,6 +112,11 @@ class EditHistory:
         # per layer, copies of the weight after two recent edits, oldest first (see LayerCheckpoint):
         # undoing the latest edits restarts from one instead of replaying the whole journal
         self.checkpoints: Dict[int, List[LayerCheckpoint]] = {}
+        # reads remembered edits' keys from the model (set by the editor, which has the tokenizer and
+        # the templates); needed only with memory_refresh_every
+        self.key_reader: Optional[KeyReader] = None
+        # the latest refresh's keys: (ids of the journal entries it covered, {edit_id: memory rows})
+        self._refreshed: Tuple[Tuple[int, ...], Dict[int, List[Tensor]]] = ((), {})
 
     # -- base weights and masters -----------------------------------------------------------------
     def remember_base(self, layer: int) -> Tensor:
@@ -186,6 +193,72 @@ class EditHistory:
                 keys.extend(self.memory_rows(e.key))
         return keys
 
+    def memory_keys(self, layer: int) -> List[Tensor]:
+        """The keys ``layer``'s memory holds after the journal's edits: each edit's solved key, or
+        with ``memory_refresh_every`` the keys of the edits up to the latest refresh point read from
+        the weights they left, then the later edits' solved keys (:mod:`fastrome.refresh`)."""
+        keys = self.journal_keys(layer)  # also checks that every edit kept its key
+        point = refresh_point(self.journal.edit_count, self.config.memory_refresh_every)
+        if not point:
+            return keys
+        fresh = self.refreshed_rows(point)
+        keys = []
+        for e in self.journal:
+            if e.layer == layer:
+                keys.extend(fresh[e.edit_id] if e.edit_id in fresh else self.memory_rows(e.key))
+        return keys
+
+    def refreshed_rows(self, point: int) -> Dict[int, List[Tensor]]:
+        """``{edit_id: memory rows}`` for the journal's first ``point`` edits, read from the weights
+        those edits leave (kept until the journal's first ``point`` edits change)."""
+        if self.key_reader is None:
+            raise ValueError("config.memory_refresh_every: this history cannot read keys from the model "
+                             "(no key reader was given)")
+        groups = edit_groups(self.journal.entries)[:point]
+        ids = tuple(e.edit_id for group in groups for e in group)
+        if self._refreshed[0] != ids:
+            with self.weights_after([e for group in groups for e in group]):
+                self._refreshed = (ids, self.key_reader(groups))
+        return self._refreshed[1]
+
+    @contextmanager
+    def weights_after(self, entries: Sequence[JournalEntry]) -> Iterator[None]:
+        """Every edited layer at its base weight plus ``entries``' factors (a prefix of the journal,
+        replayed bit for bit as the original writes) for the duration, then as it was, bit for bit.
+        Nothing is copied when ``entries`` is the whole journal: the weights already are that."""
+        if len(entries) == len(self.journal.entries):
+            yield
+            return
+        edited = {layer: self.adapter.weight(layer).detach().clone() for layer in self.base}
+        try:
+            with torch.no_grad():
+                for layer, base in self.base.items():
+                    weight = self.adapter.weight(layer)
+                    weight.copy_(base)
+                    master = None if base.dtype in (torch.float32, torch.float64) else base.float()
+                    for e in entries:
+                        if e.layer == layer:
+                            apply_factors(weight, e.u, e.lam, master)
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, weight in edited.items():
+                    self.adapter.weight(layer).copy_(weight)
+
+    def refresh_memory(self) -> float:
+        """After an edit is recorded: at a refresh point (every ``memory_refresh_every`` edits) each
+        edit memory is rebuilt from its keys read from the model now; returns the seconds it took
+        (0 elsewhere)."""
+        every = self.config.memory_refresh_every
+        memories = {layer: edit_memory(self.solvers, layer) for layer in list(self.solvers)}
+        memories = {layer: m for layer, m in memories.items() if m is not None}
+        if not every or not memories or self.journal.edit_count % every:
+            return 0.0
+        t0 = time.perf_counter()
+        for layer, memory in sorted(memories.items()):
+            memory.rebuild(self.memory_keys(layer))
+        return time.perf_counter() - t0
+
     def remember(self, layer: int, key: Tensor) -> float:
         """An applied edit's key joins its layer's edit memory (when the memory is on); returns the
         seconds it took (0 without a memory)."""
@@ -233,19 +306,14 @@ class EditHistory:
         entries all came after its checkpoint restarts from that copy and replays only the entries
         since, and its memory forgets just the removed keys when they were its latest: the same bits,
         in time that does not grow with the journal."""
-        for layer in sorted(set(layers)):
+        layers = sorted(set(layers))
+        for layer in layers:
             gone = [e for e in removed if e.layer == layer]
             first_gone = min(e.edit_id for e in gone) if gone else None
             # the newest copy from before every removed entry; newer ones held removed writes
             usable = [c for c in self.checkpoints.get(layer, []) if gone and c.last_id < first_gone]
             ckpt = usable[-1] if usable else None
             fast = ckpt is not None
-            memory = edit_memory(self.solvers, layer)
-            if memory is not None:
-                if gone and not any(e.layer == layer for e in self.entries_after(first_gone)):
-                    memory.forget_last(sum(len(self.memory_rows(e.key)) for e in gone))
-                else:
-                    memory.rebuild(self.journal_keys(layer))
             weight, base = self.adapter.weight(layer), self.base[layer]
             with torch.no_grad():
                 if fast:
@@ -275,6 +343,18 @@ class EditHistory:
             else:
                 self.checkpoints[layer] = []
                 self.checkpoint(layer, last_id)
+        # after every layer's weight: a refresh reads keys through all of them
+        for layer in layers:
+            memory = edit_memory(self.solvers, layer)
+            if memory is None:
+                continue
+            gone = [e for e in removed if e.layer == layer]
+            # with refreshes, an undo may move the latest refresh point: the keys are derived anew
+            if (gone and not self.config.memory_refresh_every
+                    and not any(e.layer == layer for e in self.entries_after(min(e.edit_id for e in gone)))):
+                memory.forget_last(sum(len(self.memory_rows(e.key)) for e in gone))
+            else:
+                memory.rebuild(self.memory_keys(layer))
 
     def entries_after(self, edit_id: int) -> List[JournalEntry]:
         """The journal's entries with ids above ``edit_id``, in order (ids grow along the journal, so

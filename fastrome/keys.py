@@ -69,6 +69,42 @@ def capture_at(
 
 
 @torch.no_grad()
+def capture_keys(
+    adapter: ModelAdapter, layers: Sequence[int], prompts: Sequence[SubjectPrompt], pad: int
+) -> Dict[int, Tensor]:
+    """``{layer: keys (n, d_in)}``, fp32, at each prompt's subject-last token for several layers in
+    one forward pass (it stops after the highest of them)."""
+    layers = sorted(set(layers))
+    if not layers:
+        return {}
+    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
+    rows = torch.arange(len(prompts))
+    cols = torch.tensor([p.last for p in prompts])
+    store: Dict[int, Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(mod, args, output):
+            store[layer] = _at(args[0], rows, cols)
+            if layer == layers[-1]:
+                raise StopForward
+
+        return hook
+
+    handles = [adapter.module(layer).register_forward_hook(hook_for(layer)) for layer in layers]
+    try:
+        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer for layer in layers if layer not in store]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached {adapter.module_name(missing[0])}")
+    return store
+
+
+@torch.no_grad()
 def capture_residual(adapter: ModelAdapter, layer: int, prompts: Sequence[SubjectPrompt], pad: int) -> Tensor:
     """The residual stream after ``layer``'s block (n, d_out), fp32, at each prompt's subject-last token."""
 
