@@ -86,6 +86,10 @@ def main(argv=None) -> int:
     ap.add_argument("--wikitext", type=int, default=24, help="WikiText-2 paragraphs for perplexity")
     ap.add_argument("--stats-tokens", type=int, default=None,
                     help="tokens of the bundled corpus for the key statistics (default: fastrome's)")
+    ap.add_argument("--fork", metavar="RUN", default=None,
+                    help="start this run from another run's first --fork-at records (its journal, logs and "
+                         "checkpoints up to there), then go on with this run's settings")
+    ap.add_argument("--fork-at", type=int, default=None, metavar="N")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                     help="an EditConfig field for this run, e.g. v_weight_decay=0.5 (repeatable)")
     args = ap.parse_args(argv)
@@ -102,6 +106,18 @@ def main(argv=None) -> int:
     from fastrome.sequential import CollapseRules, open_run, run_sequential
 
     out = Path(args.out)
+    if (args.fork is None) != (args.fork_at is None):
+        ap.error("--fork and --fork-at go together")
+    if args.fork and not (out / "journal").exists():
+        from fastrome.sequential import fork_run
+
+        fork = fork_run(args.fork, out, args.fork_at)
+        src_zsre = Path(args.fork) / "zsre.jsonl"
+        if src_zsre.is_file():
+            rows = [line for line in src_zsre.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("edits", 0) <= fork["applied"]]
+            (out / "zsre.jsonl").write_text("".join(line + "\n" for line in rows))
+        print(f"forked {args.fork} at {args.fork_at} records ({fork['applied']} edits) into {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     cases = None
     if args.dataset == "zsre":
@@ -151,6 +167,9 @@ def main(argv=None) -> int:
         changed = sorted(k for k, v in made.items() if v is not None and settings.get(k) != v)
         if changed:
             raise SystemExit(f"{out}: this run was made with {made!r}; now {', '.join(changed)} differ")
+    forked_on = (run.get("forked") or {}).get("dataset")
+    if forked_on and forked_on != args.dataset:
+        raise SystemExit(f"{out}: this run was forked from a run on {forked_on}, not {args.dataset}")
     if run.get("sessions") and run.get("dataset", "counterfact") != args.dataset:
         raise SystemExit(f"{out}: this run is on {run.get('dataset', 'counterfact')}, not {args.dataset}")
     run.update(mode=editor.config.mode, dataset=args.dataset, overrides=overrides, settings=settings,

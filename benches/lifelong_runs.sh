@@ -3,6 +3,7 @@
 # again after an interruption and it goes on from its journal. From the repository root:
 #   bash benches/lifelong_runs.sh NAME [EDITS]        # e.g. bash benches/lifelong_runs.sh memory 500
 #   bash benches/lifelong_runs.sh --list
+#   FORK=memory1+mpes+dual+spread FORK_AT=700 bash benches/lifelong_runs.sh memory1+mpes+dual+spread+refresh25 1000
 # Results go to benches/results/lifelong/<EDITS>/<NAME>; compare them with
 #   python benches/collapse_report.py --compare benches/results/lifelong/500/*
 # Two runs may share the 2-core machine (THREADS=1 each); seconds per edit then compare only
@@ -37,6 +38,8 @@ declare -A SETTINGS=(
   [memory1-beta0.0002+mpes+dual+spread]="--classic --mode dual --set memory_beta=0.0002 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4"
   # ngd with each edit shared among 6 layers (1-6) instead of 4
   [ngd+spread6]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=6 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
+  # the default with the memory's keys re-read from the edited model every 25 edits
+  [memory1+mpes+dual+spread+refresh25]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4 --set memory_refresh_every=25"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
   # AlphaEdit's projection; SmolLM2 layer 6 has no eigenvalue of C below 0.18 of the mean (0.5 keeps 568 of 1536)
   [null-space+memory]="--classic --set null_space=0.5 --set memory_beta=0.02"
@@ -53,7 +56,15 @@ name=$1 edits=${2:-500} dataset=${DATASET:-counterfact}
 [[ -v "SETTINGS[$name]" ]] || { echo "unknown run '$name' (--list shows them)" >&2; exit 2; }
 root=benches/results/lifelong/$edits
 [[ "$dataset" == counterfact ]] || root=benches/results/lifelong/$dataset-$edits
+# FORK=NAME FORK_AT=N: start from run NAME's first N records (same root) and go on with this run's
+# settings, into <name>-from<N>
+fork=()
+out=$root/$name
+if [[ -n "${FORK:-}" ]]; then
+  fork=(--fork "$root/$FORK" --fork-at "${FORK_AT:?FORK_AT=N is needed with FORK}")
+  out=$root/$name-from$FORK_AT
+fi
 # shellcheck disable=SC2086
 exec "${PYTHON:-python}" benches/collapse_study.py --dataset "$dataset" --edits "$edits" --every "${EVERY:-50}" \
   --retention-sample "${SAMPLE:-200}" --threads "${THREADS:-1}" --stats-tokens 1000000 \
-  ${SETTINGS[$name]} --out "$root/$name"
+  ${SETTINGS[$name]} "${fork[@]}" --out "$out"

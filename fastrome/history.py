@@ -417,6 +417,9 @@ class EditHistory:
         """A resumed run keeps the settings its edits (``entries``, default the journal's) were made
         with (journals from before these settings were recorded carry none and are taken as they are)."""
         entries = self.journal.entries if entries is None else entries
+        fork = self.journal.forked
+        if fork and entries is self.journal.entries and self.journal.edit_count <= fork["edits"]:
+            return  # at its fork point: the next edits may be made with other settings
         recorded = next((e.record.get("settings") for e in reversed(entries) if e.record.get("settings")), None)
         if not recorded:
             return

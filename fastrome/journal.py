@@ -8,6 +8,7 @@ same write kernel reproduces the edited weights bit for bit.
 On disk a journal is a folder::
 
     journal.json          format, the digest of each edited layer's base weight, the context templates
+                          (and, for a forked journal, where it came from)
     edits.jsonl           one JSON line per applied edit (id, layer, request, metrics, factor file)
     factors/000042.safetensors   u (d_in,), lam (d_out,) and the solved key (d_in,) in fp32
 
@@ -146,6 +147,9 @@ class Journal:
         self._requests = 0  # entries that start an edit (a spread edit's parts count once)
         self._ends: List[int] = []  # byte offset in edits.jsonl where each entry's line ends
         self.templates: Optional[List[str]] = None  # the context templates of the run
+        # {"from": folder, "edits": n} when this journal was forked from another's first n edits: the
+        # edits after them may be made with other settings (see :meth:`note_fork`)
+        self.forked: Optional[Dict[str, Any]] = None
         self.readonly = readonly
         self.dropped_torn_line = False  # set when open dropped a line cut short by a crash
         self._lock: Optional[FolderLock] = None
@@ -194,6 +198,7 @@ class Journal:
         self.base_digests = {int(k): str(v) for k, v in meta.get("base_digests", {}).items()}
         self._next_id = int(meta.get("next_id", 0))
         self.templates = meta.get("templates")
+        self.forked = meta.get("forked")
         lines_path = self.path / "edits.jsonl"
         text = lines_path.read_text(encoding="utf-8") if lines_path.is_file() else ""
         # Every record ends with a newline; a trailing piece without one is a write cut short.
@@ -242,6 +247,7 @@ class Journal:
             "format": FORMAT, "base_digests": {str(k): v for k, v in sorted(self.base_digests.items())},
             "next_id": self.next_id,
             "templates": self.templates,
+            **({"forked": self.forked} if self.forked else {}),
         })
 
     def _rewrite_lines(self) -> None:
@@ -265,6 +271,14 @@ class Journal:
         if self.templates == list(templates):
             return
         self.templates = list(templates)
+        if self.path is not None:
+            self._write_head()
+
+    def note_fork(self, source: str, edits: int) -> None:
+        """Record that this journal holds the first ``edits`` edits of the journal in ``source``, and
+        that the edits after them may be made with other settings (a study that changes one setting
+        from a point of a long run on, without redoing the edits before it)."""
+        self.forked = {"from": str(source), "edits": int(edits)}
         if self.path is not None:
             self._write_head()
 

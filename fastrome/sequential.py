@@ -619,6 +619,55 @@ class Probes:
         return out
 
 
+def fork_run(source: os.PathLike | str, out_dir: os.PathLike | str, edits: int) -> Dict[str, Any]:
+    """A new run folder ``out_dir`` holding the first ``edits`` records of the run in ``source``: its
+    journal's edits of those records, their log lines and the checkpoints up to there. The run then
+    goes on from that point, with the same or other settings (the journal records the fork, so the
+    edits after it may differ in settings; see :meth:`fastrome.journal.Journal.note_fork`).
+
+    Returns the fork's description, ``{"from", "edits", "applied"}``, also kept in ``run.json``
+    (with the source's settings) as ``forked``. Raises ``ValueError`` naming the argument before
+    anything is written when ``source`` is no run, ``out_dir`` already holds one, or ``edits`` is
+    more than the source has done.
+    """
+    import shutil
+
+    from fastrome.journal import Journal, edit_groups
+
+    src, out = Path(source), Path(out_dir)
+    if not (src / "journal" / "journal.json").is_file() or not (src / "edits.jsonl").is_file():
+        raise ValueError(f"source: {str(src)!r} holds no run (a journal and edits.jsonl)")
+    if (out / "journal").exists() or (out / "edits.jsonl").exists():
+        raise ValueError(f"out_dir: {str(out)!r} already holds a run")
+    log = _read_log(src / "edits.jsonl")
+    if not isinstance(edits, int) or isinstance(edits, bool) or not 0 < edits <= len(log):
+        raise ValueError(f"edits: expected 1..{len(log)} (records the source has done), got {edits!r}")
+    kept = log[:edits]  # one line per record, in the run's order
+    keep_cases = {str(e["case_id"]) for e in kept if e.get("status") in ("applied", "forced")}
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "journal", out / "journal", ignore=shutil.ignore_patterns(".lock"))
+    journal = Journal(out / "journal")
+    try:
+        drop = [e.edit_id for group in edit_groups(journal.entries)
+                if str(group[0].request.get("case_id")) not in keep_cases for e in group]
+        journal.remove(drop)
+        journal.note_fork(str(src), journal.edit_count)
+        applied = journal.edit_count
+    finally:
+        journal.close()
+    write_text(out / "edits.jsonl", "".join(json.dumps(e, sort_keys=True, default=_json_default) + "\n"
+                                            for e in kept))
+    points = [p for p in _json_lines(src / "checkpoints.jsonl") if p.get("edits", 0) <= applied]
+    write_text(out / "checkpoints.jsonl", "".join(json.dumps(p, default=_json_default) + "\n" for p in points))
+    if (src / "test_prefixes.json").is_file():
+        shutil.copyfile(src / "test_prefixes.json", out / "test_prefixes.json")
+    fork = {"from": str(src), "edits": edits, "applied": applied}
+    before = json.loads((src / "run.json").read_text()) if (src / "run.json").is_file() else {}
+    write_text(out / "run.json", json.dumps({"sessions": [], "forked": {**fork, "settings": before.get("settings"),
+                                                                         "dataset": before.get("dataset")}}, indent=1))
+    return fork
+
+
 def open_run(model: Any, tokenizer: Any, out_dir: os.PathLike | str, **editor_kwargs: Any) -> Any:
     """An :class:`fastrome.Editor` whose journal lives in ``out_dir/journal`` (replayed when it
     exists), with ``policy="skip"`` unless given."""

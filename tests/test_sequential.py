@@ -348,3 +348,53 @@ def test_a_cut_off_checkpoint_is_measured_also_when_the_last_edit_lacks_its_log_
     go(ed, tmp_path, records, rules=rules)
     assert [e["case_id"] for e in lines(log)] == [1, 2, 5]
     assert [p["edits"] for p in lines(ckpt)] == [0, 3] and lines(ckpt)[1]["retention_n"] == 3
+
+
+def test_a_forked_run_goes_on_from_the_sources_point_with_other_settings(make_tiny, tmp_path):
+    from fastrome.sequential import fork_run
+
+    rules = CollapseRules(sentinel_ppl_ratio=1e9, action="record")
+    src, tok = make_tiny("llama-bytelevel")
+    go(editor_for(src, tok, tmp_path / "src"), tmp_path / "src", RECORDS, rules=rules)
+    # the first three records (two applied, one skipped) and the checkpoints up to two edits
+    fork = fork_run(tmp_path / "src", tmp_path / "fork", 3)
+    assert fork == {"from": str(tmp_path / "src"), "edits": 3, "applied": 2}
+    out = tmp_path / "fork"
+    assert [e["case_id"] for e in lines(out / "edits.jsonl")] == [1, 2, 3]
+    assert [p["edits"] for p in lines(out / "checkpoints.jsonl")] == [0, 2]
+    assert json.loads((out / "run.json").read_text())["forked"]["edits"] == 3
+
+    # the fork's edits replay to the weights the source had after them
+    again, _ = make_tiny("llama-bytelevel")
+    first_two = open_run(again, tok, tmp_path / "again", **KW)
+    first_two.edit([RECORDS[0], RECORDS[1]])
+    model, _ = make_tiny("llama-bytelevel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ed = open_run(model, tok, out, **{**KW, "mpes_checks": 0})  # other settings from the fork point on
+    assert ed.journal.forked == {"from": str(tmp_path / "src"), "edits": 2}
+    assert torch.equal(ModelAdapter(model).weight(1), ModelAdapter(again).weight(1))
+    go(ed, out, RECORDS, rules=rules)
+    assert [e["case_id"] for e in lines(out / "edits.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [e.request["case_id"] for e in ed.journal] == [1, 2, 5, 6]
+    assert [e.record["settings"]["mpes_checks"] for e in ed.journal] == [2, 2, 0, 0]
+    ed.close()
+    # past its fork point the run keeps the settings of its own edits
+    fresh, _ = make_tiny("llama-bytelevel")
+    with pytest.raises(ValueError, match="mpes_checks=0"):
+        open_run(fresh, tok, out, **KW)
+
+
+def test_a_fork_is_checked_before_anything_is_written(make_tiny, tmp_path):
+    from fastrome.sequential import fork_run
+
+    with pytest.raises(ValueError, match="source: .* holds no run"):
+        fork_run(tmp_path / "none", tmp_path / "fork", 1)
+    model, tok = make_tiny("llama-bytelevel")
+    go(editor_for(model, tok, tmp_path / "src"), tmp_path / "src", RECORDS[:2],
+       rules=CollapseRules(sentinel_ppl_ratio=1e9, action="record"))
+    with pytest.raises(ValueError, match=r"edits: expected 1..2 \(records the source has done\), got 3"):
+        fork_run(tmp_path / "src", tmp_path / "fork", 3)
+    assert not (tmp_path / "fork").exists()
+    with pytest.raises(ValueError, match="out_dir: .* already holds a run"):
+        fork_run(tmp_path / "src", tmp_path / "src", 1)
