@@ -4,7 +4,8 @@ once and logged once. The moments: during the second edit's value optimisation (
 written), after its factor file reached the disk but before its journal line, and after its
 journal line but before its run-log line. The same with the edit memory on and every edit spread
 over two layers, whose inverse is rebuilt from the journal's keys on resume: any difference in it
-would change the later edits' weights."""
+would change the later edits' weights; and with the memory's keys re-read from the model after every
+edit, which the resumed run re-reads from the replayed weights."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def inputs(tmp_path_factory):
 
 
 LIFELONG = {"mode": "dual", "memory_beta": 0.5, "spread": 2, "mpes_checks": 1}  # the default's kind, smaller
+# and with the memory's keys re-read after every edit: the resumed run re-reads them from the replayed weights
+REFRESHED = {**LIFELONG, "memory_refresh_every": 1}
 
 
 def child(saved_model, inputs, out, result, kill_at, cache, settings=None):
@@ -68,9 +71,9 @@ _whole = {}
 
 def uninterrupted(saved_model, inputs, tmp_path_factory, settings):
     """The weights and summary of the run never stopped, once per settings."""
-    name = "lifelong" if settings else "plain"
+    name = json.dumps(settings, sort_keys=True) if settings else "plain"
     if name not in _whole:
-        root = tmp_path_factory.mktemp(f"whole-{name}")
+        root = tmp_path_factory.mktemp("whole")
         done = child(saved_model, inputs, root / "run", root / "w.safetensors", "none",
                      root.parent / "kill-cache", settings)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -79,8 +82,9 @@ def uninterrupted(saved_model, inputs, tmp_path_factory, settings):
 
 
 @pytest.mark.parametrize("kill_at,settings", [("values", None), ("factor", None), ("log", None),
-                                              ("factor", LIFELONG), ("log", LIFELONG)],
-                         ids=["values", "factor", "log", "factor-memory-spread", "log-memory-spread"])
+                                              ("factor", LIFELONG), ("log", LIFELONG), ("log", REFRESHED)],
+                         ids=["values", "factor", "log", "factor-memory-spread", "log-memory-spread",
+                              "log-memory-spread-refresh"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(saved_model, inputs, tmp_path_factory, tmp_path,
                                                          kill_at, settings):
     whole, summary = uninterrupted(saved_model, inputs, tmp_path_factory, settings)
