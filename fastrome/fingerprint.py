@@ -17,6 +17,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,14 +62,18 @@ def update_with_tensor(h: "hashlib._Hash", name: str, t: Tensor) -> None:
 
 def _chunked_sums(flat: Tensor) -> Tuple[float, float]:
     """fp64 sum and sum of squares of a 1-D tensor, :data:`SUM_CHUNK` elements at a time (the chunks'
-    sums added in order, so the result depends only on the values and the chunk size)."""
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+    sums added in order, so the result depends only on the values and the chunk size).
+
+    Each chunk is summed by numpy (pairwise, on one thread): torch's reductions split the work by
+    the thread count, and a sum that changed its last bit with ``torch.set_num_threads`` would give
+    the same weights another fingerprint, so a statistics cache written by a run on two threads
+    would be recomputed by one on one thread."""
+    total = squares = 0.0
     for start in range(0, flat.numel(), SUM_CHUNK):
-        chunk = flat[start : start + SUM_CHUNK].to(torch.float64)
-        total += chunk.sum()
-        squares += torch.dot(chunk, chunk)
-    return total.item(), squares.item()
+        chunk = flat[start : start + SUM_CHUNK].detach().to("cpu", torch.float64).numpy()
+        total += float(chunk.sum())
+        squares += float(np.square(chunk).sum())
+    return total, squares
 
 
 def fingerprint(config: Any, named_tensors: Iterable[Tuple[str, Tensor]], extra: str = "") -> str:
