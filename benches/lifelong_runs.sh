@@ -40,6 +40,8 @@ declare -A SETTINGS=(
   [ngd+spread6]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=6 --set v_optimizer=normalized --set v_lr=0.25 --set v_steps=40"
   # the default with the memory's keys re-read from the edited model every 25 edits
   [memory1+mpes+dual+spread+refresh25]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4 --set memory_refresh_every=25"
+  # the default with an edit refused when its interference at a layer is above 10 × the median of the earlier edits' there
+  [memory1+mpes+dual+spread+guard10]="--classic --mode dual --set memory_beta=0.02 --set memory_dual_keys=prompt --set mpes_checks=2 --set spread=4 --set max_interference_spike=10"
   [memory+spread]="--classic --set memory_beta=0.02 --set spread=4"
   # AlphaEdit's projection; SmolLM2 layer 6 has no eigenvalue of C below 0.18 of the mean (0.5 keeps 568 of 1536)
   [null-space+memory]="--classic --set null_space=0.5 --set memory_beta=0.02"

@@ -22,7 +22,7 @@ UPDATE_FORMS = ("exact", "alphaedit")
 LIFELONG_FIELDS = ("mode", "spread", "memory_beta", "memory_refactor_every", "memory_dual_keys",
                    "memory_refresh_every", "mpes_checks",
                    "mpes_min_prob", "mpes_shrink", "v_optimizer", "norm_alpha",
-                   "value_norm", "value_norm_factor", "null_space", "update_form")
+                   "value_norm", "value_norm_factor", "null_space", "update_form", "max_interference_spike")
 
 # The default each lifelong setting had when it was added. A journal or run written before a setting
 # existed was made with that value, which is not always today's default.
@@ -169,6 +169,11 @@ class EditConfig:
     min_denom_rel: float = 1e-6
     max_update_ratio: float = 1.0
     max_total_update_ratio: float = float("inf")
+    # refuse an edit (each layer of a spread edit) whose interference ‖Λ‖²·uᵀCu, its mean squared
+    # change of the layer's output over ordinary text, exceeds this many times the median of the
+    # earlier edits' at that layer (from the 10th on; 0: off). A subject whose key lies among
+    # ordinary text's (a common word) needs a write that moves everything
+    max_interference_spike: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "EditConfig":
@@ -195,6 +200,9 @@ class EditConfig:
             value = getattr(self, name)
             if not (number(value) and math.isfinite(value) and value > 0):
                 raise bad(name, "a finite positive number")
+        spike = self.max_interference_spike
+        if not (number(spike) and math.isfinite(spike) and (spike == 0 or spike > 1)):
+            raise bad("max_interference_spike", "0 (off) or a finite number > 1")
         for name in ("max_update_ratio", "max_total_update_ratio"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise bad(name, "a positive number (inf for no cap)")

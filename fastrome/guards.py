@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -52,10 +52,14 @@ def check(
     total_ratio: float,
     cfg: EditConfig,
     energy: float = math.inf,
+    interference: float = 0.0,
+    typical_interference: Optional[float] = None,
 ) -> Verdict:
     """All guard checks for one edit. ``k`` is the key in the denominator; ``energy`` is ``uᵀAu``
     (A: the solve's matrix), which must be positive (the dual mode's denominator is 1 by
-    construction, and this is what says its solve was sound)."""
+    construction, and this is what says its solve was sound). ``interference`` is the update's
+    ``‖Λ‖²·uᵀCu`` and ``typical_interference`` the median of the layer's earlier edits' (None while
+    too few), for ``cfg.max_interference_spike``."""
     reasons = []
     bad = [name for name, t in (("k", k), ("u", u), ("delta", delta), ("lambda", lam)) if not _finite(t)]
     if bad:
@@ -74,5 +78,11 @@ def check(
         reasons.append(
             f"running total of ‖ΔW‖/‖W‖ at this layer would be {total_ratio:.4g}, above "
             f"max_total_update_ratio = {cfg.max_total_update_ratio:g}"
+        )
+    spike = cfg.max_interference_spike
+    if spike and typical_interference is not None and not interference <= spike * typical_interference:
+        reasons.append(
+            f"interference ‖Λ‖²·uᵀCu = {interference:.4g} exceeds max_interference_spike = {spike:g} × the median "
+            f"{typical_interference:.4g} of the layer's earlier edits"
         )
     return Verdict(ok=not reasons, reasons=reasons, floor=floor)

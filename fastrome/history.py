@@ -17,7 +17,9 @@ Every rebuild is bit for bit the state of a run in which the removed edits were 
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import time
 import warnings
 from collections import defaultdict
@@ -49,6 +51,7 @@ from fastrome.solver import CovarianceSolver
 _log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 64  # writes at a layer between copies of its weight kept for undo
+INTERFERENCE_HISTORY = 10  # earlier edits at a layer before max_interference_spike applies
 
 
 @dataclass
@@ -115,6 +118,8 @@ class EditHistory:
         # reads remembered edits' keys from the model (set by the editor, which has the tokenizer and
         # the templates); needed only with memory_refresh_every
         self.key_reader: Optional[KeyReader] = None
+        # per layer, the interference ‖Λ‖²·uᵀCu of the journal's edits there, sorted (for its median)
+        self.interferences: Dict[int, List[float]] = {}
         # the latest refresh's keys: (ids of the journal entries it covered, {edit_id: memory rows})
         self._refreshed: Tuple[Tuple[int, ...], Dict[int, List[Tensor]]] = ((), {})
 
@@ -259,6 +264,20 @@ class EditHistory:
             memory.rebuild(self.memory_keys(layer))
         return time.perf_counter() - t0
 
+    def typical_interference(self, layer: int) -> Optional[float]:
+        """The median interference of the journal's edits at ``layer`` (None before
+        :data:`INTERFERENCE_HISTORY` of them)."""
+        held = self.interferences.get(layer, [])
+        if len(held) < INTERFERENCE_HISTORY:
+            return None
+        mid = len(held) // 2
+        return held[mid] if len(held) % 2 else 0.5 * (held[mid - 1] + held[mid])
+
+    def _note_interference(self, entry: JournalEntry) -> None:
+        value = part_record(entry).get("interference")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            bisect.insort(self.interferences.setdefault(entry.layer, []), float(value))
+
     def remember(self, layer: int, key: Tensor) -> float:
         """An applied edit's key joins its layer's edit memory (when the memory is on); returns the
         seconds it took (0 without a memory)."""
@@ -277,6 +296,7 @@ class EditHistory:
         key = entry.key  # as solved: the journal keeps a CPU copy, the memory takes the original
         self.total_ratio[entry.layer] = total
         self.journal.append(entry)
+        self._note_interference(entry)
         self.note_written(entry.layer)
         return self.remember(entry.layer, key)
 
@@ -343,6 +363,12 @@ class EditHistory:
             else:
                 self.checkpoints[layer] = []
                 self.checkpoint(layer, last_id)
+        for layer in layers:
+            self.interferences.pop(layer, None)
+        rebuilt = set(layers)
+        for e in self.journal:
+            if e.layer in rebuilt:
+                self._note_interference(e)
         # after every layer's weight: a refresh reads keys through all of them
         for layer in layers:
             memory = edit_memory(self.solvers, layer)

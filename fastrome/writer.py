@@ -62,6 +62,8 @@ class LayerWriter:
         verdict = guards.check(
             k=plan.key, u=plan.u, delta=vr.delta, lam=plan.lam, denom=plan.denom,
             update_ratio=plan.update_ratio, total_ratio=total, cfg=cfg, energy=plan.energy,
+            interference=plan.interference,
+            typical_interference=self.history.typical_interference(layer) if cfg.max_interference_spike else None,
         )
         return plan, total, verdict
 
