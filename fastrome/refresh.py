@@ -51,41 +51,33 @@ def read_memory_rows(
     over the context templates; k_u is the key of the first template's prompt (the unprefixed one).
     Only the first template's prompt is read when no k̄ is needed.
     """
-    def wants_mean(e: JournalEntry) -> bool:
+    def rows_of(e: JournalEntry) -> str:
+        """Which rows the entry's memory keeps: "mean", "plain" or "both" (k̄ then k_u)."""
         stored = 1 if e.key is None or e.key.dim() == 1 else e.key.shape[0]
-        return (stored == 2 and dual_keys == "both") or (stored == 1 and mode == "consistent")
+        if stored == 2:
+            return "both" if dual_keys == "both" else "plain"
+        return "mean" if mode == "consistent" else "plain"
 
-    # one row per edit group: its prompts and the layers its parts were written at
+    # each edit's prompts (all templates only where a k̄ is kept), then all of them in fixed batches
     jobs = []
     for group in groups:
         req = parse_requests([group[0].request])[0]
-        full = any(wants_mean(e) for e in group)
-        prompts = edit_prompts(tokenizer, templates if full else templates[:1], req)
-        jobs.append((group, prompts))
-    flat = [(j, p) for j, (_, prompts) in enumerate(jobs) for p in prompts]
+        full = any(rows_of(e) != "plain" for e in group)
+        jobs.append((group, edit_prompts(tokenizer, templates if full else templates[:1], req)))
+    prompts = [p for _, ps in jobs for p in ps]
     layers = sorted({e.layer for group in groups for e in group})
     pad = pad_id(tokenizer)
     read: Dict[int, List[Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(flat), REFRESH_BATCH):
-        got = capture_keys(adapter, layers, [p for _, p in flat[start:start + REFRESH_BATCH]], pad)
+    for start in range(0, len(prompts), REFRESH_BATCH):
+        got = capture_keys(adapter, layers, prompts[start:start + REFRESH_BATCH], pad)
         for layer in layers:
             read[layer].extend(got[layer].cpu().unbind(0))
     out: Dict[int, List[Tensor]] = {}
     at = 0
-    for group, prompts in jobs:
-        n = len(prompts)
+    for group, ps in jobs:
         for e in group:
-            keys = read[e.layer][at:at + n]
-            plain = keys[0].contiguous()
-            stored = 1 if e.key is None or e.key.dim() == 1 else e.key.shape[0]
-            if stored == 2:
-                out[e.edit_id] = [_mean(keys), plain] if dual_keys == "both" else [plain]
-            else:
-                out[e.edit_id] = [_mean(keys)] if mode == "consistent" else [plain]
-        at += n
+            keys = read[e.layer][at:at + len(ps)]
+            mean, plain = torch.stack(keys).mean(0), keys[0].contiguous()  # k̄ as the edit computed it
+            out[e.edit_id] = {"both": [mean, plain], "mean": [mean], "plain": [plain]}[rows_of(e)]
+        at += len(ps)
     return out
-
-
-def _mean(keys: List[Tensor]) -> Tensor:
-    # as the edit computed k̄: the mean over its prompts' keys
-    return torch.stack(keys).mean(0).contiguous()
