@@ -31,24 +31,41 @@ def _read_at(
 ) -> Dict[str, Tensor]:
     """One batched forward pass up to ``module``; ``read(args, output, rows, cols)`` picks what is
     needed at each prompt's subject-last token, then the pass stops."""
+    return _read_at_modules(adapter, [(module, what, read)], prompts, pad)
+
+
+def _read_at_modules(
+    adapter: ModelAdapter, reads: Sequence[Tuple[torch.nn.Module, str, Callable[..., Dict[str, Tensor]]]],
+    prompts: Sequence[SubjectPrompt], pad: int,
+) -> Dict[str, Tensor]:
+    """One batched forward pass through several ``(module, what, read)``, in the order the model
+    runs them; each ``read`` adds its picks, and the pass stops after the last module."""
     ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
     rows = torch.arange(len(prompts))
     cols = torch.tensor([p.last for p in prompts])
     store: Dict[str, Tensor] = {}
+    seen = set()
 
-    def hook(mod, args, output):
-        store.update(read(args, output, rows, cols))
-        raise StopForward
+    def hook_for(i: int, read: Callable[..., Dict[str, Tensor]]):
+        def hook(mod, args, output):
+            store.update(read(args, output, rows, cols))
+            seen.add(i)
+            if i == len(reads) - 1:
+                raise StopForward
 
-    handle = module.register_forward_hook(hook)
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i, read)) for i, (module, _, read) in enumerate(reads)]
     try:
         adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
     except StopForward:
         pass
     finally:
-        handle.remove()
-    if not store:
-        raise RuntimeError(f"the forward pass never reached {what}")
+        for handle in handles:
+            handle.remove()
+    missing = [what for i, (_, what, _) in enumerate(reads) if i not in seen]
+    if missing:
+        raise RuntimeError(f"the forward pass never reached {missing[0]}")
     return store
 
 
@@ -75,33 +92,13 @@ def capture_keys(
     """``{layer: keys (n, d_in)}``, fp32, at each prompt's subject-last token for several layers in
     one forward pass (it stops after the highest of them)."""
     layers = sorted(set(layers))
-    if not layers:
-        return {}
-    ids, mask = right_pad([p.ids for p in prompts], pad, input_device(adapter))
-    rows = torch.arange(len(prompts))
-    cols = torch.tensor([p.last for p in prompts])
-    store: Dict[int, Tensor] = {}
 
-    def hook_for(layer: int):
-        def hook(mod, args, output):
-            store[layer] = _at(args[0], rows, cols)
-            if layer == layers[-1]:
-                raise StopForward
+    def key_of(layer: int):
+        return lambda args, output, rows, cols: {str(layer): _at(args[0], rows, cols)}
 
-        return hook
-
-    handles = [adapter.module(layer).register_forward_hook(hook_for(layer)) for layer in layers]
-    try:
-        adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [layer for layer in layers if layer not in store]
-    if missing:
-        raise RuntimeError(f"the forward pass never reached {adapter.module_name(missing[0])}")
-    return store
+    got = _read_at_modules(adapter, [(adapter.module(layer), adapter.module_name(layer), key_of(layer))
+                                     for layer in layers], prompts, pad) if layers else {}
+    return {layer: got[str(layer)] for layer in layers}
 
 
 @torch.no_grad()
